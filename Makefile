@@ -1,0 +1,41 @@
+# make report : the notebook chain on real data (quick preset, PAD-UFES-20, 3 seeds), sized for a CPU
+# make test   : unit tests + nbval over the notebooks (smoke preset, synthetic data)
+PYTHON   ?= python3.11
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+DVLIB_DATA ?= ../shared/datasets
+export DVLIB_DATA
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+SEEDS    ?= 0 1 2
+PRESET   ?= quick
+DATASET  ?= pad_ufes_20
+RUN      ?= $(PRESET)-$(DATASET)
+
+.PHONY: venv test test-unit test-notebooks report smoke bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[test,notebook]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly notebooks
+
+report: venv
+	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --run $(RUN)
+
+smoke: venv
+	$(VENV)/bin/dvlib run --preset smoke --run smoke
+
+bench: venv
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_merge.py
+
+clean:
+	rm -rf runs/smoke reports/smoke figures/smoke .pytest_cache

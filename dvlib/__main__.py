@@ -1,0 +1,5 @@
+import sys
+
+from dvlib.cli import main
+
+sys.exit(main())

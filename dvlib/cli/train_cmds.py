@@ -1,0 +1,87 @@
+"""``dvlib split``, ``dvlib finetune``, ``dvlib evaluate``."""
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+from dvlib.cli.common import add_run_args, open_or_create
+
+
+def register(sub) -> None:
+    p = sub.add_parser("split", help="simulate hospitals: write the run's patient-disjoint split manifest(s)",
+                       description="Split the dataset into patient-disjoint, label-stratified hospitals, each "
+                                   "with its own train/test split; the manifest is written once and reused.")
+    add_run_args(p)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("finetune", help="fine-tune each hospital's model (and Full Training)",
+                       description="Fine-tune the pretrained network on one hospital's training split (or all "
+                                   "of them, or the pooled data) and print its test metrics.")
+    add_run_args(p)
+    p.add_argument("--hospital", nargs="+", default=None,
+                   help="hospital indices and/or 'full' (default: every hospital and full)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a run's test splits",
+                       description="Evaluate a .safetensors checkpoint on every hospital's test split and on "
+                                   "all test images of the run; write metrics as CSV and JSON.")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint with its .json sidecar")
+    add_run_args(p)
+    p.add_argument("--out", help="output prefix for <out>.csv / <out>.json (default: next to the checkpoint)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _print(df: pd.DataFrame) -> None:
+    with pd.option_context("display.width", 160, "display.max_columns", 30):
+        print(df.to_string(index=False))
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from dvlib.experiment import step_split
+
+    run = open_or_create(args)
+    table = step_split(run)
+    print(f"run {run.name}: manifests in {run.dir}")
+    _print(table)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dvlib.experiment import step_finetune, step_split
+
+    run = open_or_create(args)
+    step_split(run)
+    targets = None
+    if args.hospital:
+        targets = ["full" if h == "full" else f"hospital_{int(h)}" for h in args.hospital]
+    table = step_finetune(run, targets, progress=not args.no_progress)
+    if targets is not None:
+        table = table[table["model"].isin(targets)]
+    cols = ["seed", "model", "eval_on", "n", "accuracy", "balanced_accuracy", "macro_f1", "auc_ovr"]
+    _print(table[cols].round(4))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dvlib.checkpoint import load_checkpoint
+    from dvlib.experiment import Session
+    from dvlib.io import DvlibError, write_csv, write_json
+
+    run = open_or_create(args)
+    sd, meta = load_checkpoint(args.checkpoint)
+    rows = []
+    for seed in run.seeds:
+        s = Session(run, seed)
+        if list(meta["classes"]) != s.classes:
+            raise DvlibError(f"{args.checkpoint}: classes {meta['classes']} differ from the run's {s.classes}")
+        rows += s.evaluate(s.model_from(sd), model=Path(args.checkpoint).stem)
+    table = pd.DataFrame(rows)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
+    write_csv(out.with_name(out.name + ".eval.csv"), table)
+    write_json(out.with_name(out.name + ".eval.json"), rows)
+    _print(table.drop(columns=["confusion"]).round(4))
+    return 0

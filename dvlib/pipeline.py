@@ -1,0 +1,94 @@
+"""``dvlib run``: execute the numbered notebooks with papermill, render them to HTML.
+
+Each notebook gets the same parameters (run, preset, dataset, seeds, device, runs_dir, figures_dir)
+and is written, executed, to ``reports/<run>/``; figures go to ``figures/<run>/``. A step whose
+executed notebook and result files exist is skipped unless ``overwrite``. A failing notebook stops
+the chain with its name and the failing cell.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dvlib.io import DvlibError
+
+STEPS: list[tuple[str, tuple[str, ...]]] = [
+    ("01_split_data", ("shards",)),
+    ("02_finetune_hospitals", ("finetune_eval", "finetune_history")),
+    ("03_merge", ("merge_eval", "lambda_eval", "bn_policy_eval")),
+    ("04_restore_bn", ("restore_eval", "restore_log")),
+    ("05_layerwise_similarity", ("layer_cosine",)),
+    ("06_results", ("table_accuracy", "table_balanced_accuracy", "ablation_accuracy")),
+]
+
+
+def notebooks_dir() -> Path:
+    from dvlib.experiment import project_root
+
+    return project_root() / "notebooks"
+
+
+def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequence[int] = (0,),
+              device: str = "auto", runs_dir: str = "", reports_dir: str = "", figures_dir: str = "",
+              overwrite: bool = False, steps: Sequence[str] | None = None, html: bool = True,
+              extra: dict | None = None, log=print) -> list[dict]:
+    """Execute the chain; returns one record per step (name, status, seconds, output)."""
+    import papermill as pm
+
+    from dvlib.experiment import project_root, setup_run
+
+    root = project_root()
+    nb_dir = notebooks_dir()
+    reports = Path(reports_dir) if reports_dir else root / "reports" / run
+    figures = Path(figures_dir) if figures_dir else root / "figures" / run
+    runs = str(Path(runs_dir).resolve()) if runs_dir else str(root / "runs")
+    known = [s for s, _ in STEPS]
+    if steps:
+        bad = [s for s in steps if s not in known]
+        if bad:
+            raise DvlibError(f"unknown steps {bad}; valid: {known}")
+    # create (or check) the run first so that a settings clash stops before any notebook runs
+    the_run = setup_run(run, preset, dataset, list(seeds), device, runs, **(extra or {}))
+    params = {"run": run, "preset": preset, "dataset": dataset, "seeds": [int(s) for s in seeds],
+              "device": device, "runs_dir": runs, "figures_dir": str(figures.resolve())}
+    (reports / "logs").mkdir(parents=True, exist_ok=True)
+    records = []
+    for name, outputs in STEPS:
+        if steps and name not in steps:
+            continue
+        out_nb = reports / f"{name}.ipynb"
+        done = out_nb.exists() and all(the_run.result(o).exists() for o in outputs)
+        if done and not overwrite:
+            log(f"[skip] {name}: outputs exist (use --overwrite to redo)")
+            records.append({"step": name, "status": "skipped", "seconds": 0.0, "output": str(out_nb)})
+            continue
+        log(f"[run ] {name} ...")
+        t0 = time.perf_counter()
+        logfile = reports / "logs" / f"{name}.log"
+        try:
+            with open(logfile, "w") as lf:
+                pm.execute_notebook(str(nb_dir / f"{name}.ipynb"), str(out_nb), parameters=params,
+                                    cwd=str(nb_dir), kernel_name="python3", progress_bar=False,
+                                    log_output=True, stdout_file=lf, stderr_file=lf)
+        except pm.PapermillExecutionError as e:
+            raise DvlibError(f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
+                             f"{e.ename}: {e.evalue}. Executed notebook: {out_nb}; log: {logfile}") from None
+        dt = time.perf_counter() - t0
+        if html:
+            to_html(out_nb)
+        log(f"[done] {name} in {dt:.1f} s -> {out_nb}")
+        records.append({"step": name, "status": "ran", "seconds": dt, "output": str(out_nb)})
+    return records
+
+
+def to_html(notebook: str | os.PathLike) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from dvlib.io import write_text
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    return write_text(Path(notebook).with_suffix(".html"), body)
