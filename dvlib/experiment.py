@@ -40,6 +40,16 @@ ALL_METHODS = ("params_mean", "data_vector", "random_vector", "ties", "dare", "w
 LAMBDAS = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 11))
 
 
+def method_lam(method: str, lam: float) -> float:
+    """The lambda a method is used with: the preset's for the data-vector family; 1.0 for TIES,
+    whose merged vector is a (disjoint) mean, as in the TIES paper; none for plain averages."""
+    if method in ("data_vector", "random_vector", "dare"):
+        return float(lam)
+    if method == "ties":
+        return 1.0
+    return float("nan")
+
+
 def runs_root() -> Path:
     return Path(os.environ.get("DVLIB_RUNS") or "runs")
 
@@ -304,12 +314,14 @@ def step_merge(run: Run, methods: Sequence[str] = ALL_METHODS, lambdas: Sequence
         pre_sd, pre_sha = s.pretrained_state()
         sds, counts = _load_finetuned(run, seed)
         for method in methods:
-            merged = merge(pre_sd, sds, method=method, lam=p.lam, bn_buffers="mean", seed=seed,
-                           weights=counts if method == "weighted" else None)
+            lam = method_lam(method, p.lam)
+            merged = merge(pre_sd, sds, method=method, lam=0.0 if np.isnan(lam) else lam, bn_buffers="mean",
+                           seed=seed, weights=counts if method == "weighted" else None)
             save_checkpoint(run.ckpt(seed, f"merged_{method}"), merged,
-                            s.meta(pre_sha, tag=f"merged_{method}", method=method, lam=p.lam, bn_buffers="mean"))
+                            s.meta(pre_sha, tag=f"merged_{method}", method=method,
+                                   lam=None if np.isnan(lam) else lam, bn_buffers="mean"))
             rows += s.evaluate(s.model_from(merged), model=f"merged_{method}", method=method, restore="none",
-                               lam=p.lam)
+                               lam=lam)
         for lam in lambdas:
             merged = merge(pre_sd, sds, method="data_vector", lam=float(lam), bn_buffers="mean", seed=seed)
             lam_rows += s.evaluate(s.model_from(merged), model="merged_data_vector", method="data_vector",
@@ -355,8 +367,7 @@ def step_restore(run: Run, methods: Sequence[str] = ("pretrained",) + ALL_METHOD
                 if mode != "none" and method in ("data_vector", "params_mean"):
                     save_checkpoint(run.ckpt(seed, tag), model.state_dict(),
                                     s.meta(pre_sha, tag=tag, method=method, restore=mode))
-                rows += s.evaluate(model, model=tag, method=method, restore=mode,
-                                   lam=p.lam if method in ("data_vector", "random_vector", "dare", "ties") else np.nan)
+                rows += s.evaluate(model, model=tag, method=method, restore=mode, lam=method_lam(method, p.lam))
                 logs.append({"seed": seed, "method": method, "restore": mode,
                              "recalibrated_images": json.dumps(log.get("recalibrated_images", [])),
                              "restore_train_loss": float(np.mean([h["loss"] for h in log.get("history", [])]))
@@ -447,7 +458,7 @@ def verify_merge(run: Run, seed: int, method: str = "data_vector") -> float:
     pre, _ = load_checkpoint(run.ckpt(seed, "pretrained"))
     sds, _ = _load_finetuned(run, seed)
     merged, meta = load_checkpoint(run.ckpt(seed, f"merged_{method}"))
-    lam = float(meta["lam"])
+    lam = meta.get("lam")
     worst = 0.0
     for k, v in merged.items():
         if not v.is_floating_point() or k.endswith(("running_mean", "running_var")):
@@ -455,7 +466,7 @@ def verify_merge(run: Run, seed: int, method: str = "data_vector") -> float:
         if k.startswith("head."):
             ref = torch.stack([sd[k] for sd in sds]).mean(0)
         elif method == "data_vector":
-            ref = pre[k] + lam * sum(sd[k] - pre[k] for sd in sds)
+            ref = pre[k] + float(lam) * sum(sd[k] - pre[k] for sd in sds)
         elif method == "params_mean":
             ref = torch.stack([sd[k] for sd in sds]).mean(0)
         else:

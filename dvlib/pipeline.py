@@ -8,11 +8,12 @@ the chain with its name and the failing cell.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
-from dvlib.io import DvlibError
+from dvlib.io import DvlibError, write_json
 
 STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("01_split_data", ("shards",)),
@@ -80,7 +81,20 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
             to_html(out_nb)
         log(f"[done] {name} in {dt:.1f} s -> {out_nb}")
         records.append({"step": name, "status": "ran", "seconds": dt, "output": str(out_nb)})
+    publish_results(the_run, reports / "results")
+    write_json(reports / "steps.json", records)
     return records
+
+
+def publish_results(run, dest: Path) -> Path:
+    """Copy the run's tidy result files next to the rendered notebooks, so that a reviewer (or
+    ``reporting``) can redraw every table and figure from the committed report alone."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted((run.dir / "results").glob("*")):
+        if f.suffix in (".csv", ".md", ".json"):
+            shutil.copyfile(f, dest / f.name)
+    shutil.copyfile(run.dir / "run.json", dest / "run.json")
+    return dest
 
 
 def to_html(notebook: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import numbers
 import os
 import struct
 from dataclasses import dataclass
@@ -277,7 +278,7 @@ def finetuned_state_dict(pretrained: StateDict, vf: "VectorFile") -> dict[str, t
 
 
 def _check_finite_number(x: Any, what: str) -> None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
         raise DvlibError(f"{what} must be a finite number, got {x!r}")
 
 
@@ -401,7 +402,7 @@ def save_vector(path: str | os.PathLike, vector: StateDict, head: StateDict, bn:
     except (TypeError, ValueError) as e:
         problems.append(f"{path}: metadata is not JSON-serializable ({e})")
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    seen: set[int] = set()  # safetensors refuses tensors that share or only partly use a storage
     for section, sd in zip(SECTIONS, (vector, head, bn)):
         for k, t in sd.items():
             name = f"{section}/{k}"
@@ -409,8 +410,8 @@ def save_vector(path: str | os.PathLike, vector: StateDict, head: StateDict, bn:
                 problems.append(f"{path}: '{name}' is not a tensor ({type(t).__name__})")
                 continue
             t = t.detach().cpu().contiguous()
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen and t.numel():  # safetensors refuses shared storage
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
