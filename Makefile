@@ -11,7 +11,7 @@ PRESET   ?= quick
 DATASET  ?= pad_ufes_20
 RUN      ?= $(PRESET)-$(DATASET)
 
-.PHONY: venv test test-unit test-notebooks report smoke bench clean
+.PHONY: venv test report smoke notebooks bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ smoke: venv
 bench: venv
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_merge.py
+
+# regenerate notebooks/ from tools/make_notebooks.py and store the smoke outputs nbval compares
+notebooks: venv
+	$(PY) tools/make_notebooks.py
+	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.kernel_name=python3 notebooks/0*.ipynb
 
 clean:
 	rm -rf runs/smoke reports/smoke figures/smoke .pytest_cache

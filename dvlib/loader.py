@@ -6,12 +6,18 @@ horizontal/vertical flips and a mild brightness/contrast jitter, all drawn from 
 generator and applied to the whole batch with one gather on the device (no per-image Python work,
 no host synchronisation). Evaluation batches take the centre crop.
 
+Per epoch, :func:`batches` draws the permutation and every batch's augmentation parameters up
+front on the CPU (the same generator calls, in the same order, as drawing them batch by batch),
+and sends them to the device in a few pinned, non-blocking copies; each batch then only slices
+device tensors. The CPU generator keeps augmentations identical on every device for a given seed.
+
 :func:`augment_reference` applies the same random draws one image at a time with torchvision's
 functional ops; tests check both paths give identical tensors.
 """
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -40,6 +46,14 @@ def _decode_resize(index: DatasetIndex, image: str, side: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + side, top + side)))
 
 
+def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except (RuntimeError, AssertionError):  # pragma: no cover - no CUDA
+        return False
+    return nbytes < 0.5 * free
+
+
 class ImageCache:
     """All images of a run, decoded once: ``data`` is uint8 [N, 3, S, S]; ``row[image]`` its row."""
 
@@ -49,14 +63,25 @@ class ImageCache:
         self.row = {im: i for i, im in enumerate(self.images)}
 
     @classmethod
-    def build(cls, index: DatasetIndex, images: Sequence[str], side: int, workers: int = 4,
+    def build(cls, index: DatasetIndex, images: Sequence[str], side: int, workers: int | None = None,
               device: str | torch.device = "cpu") -> "ImageCache":
+        """Decode ``images`` (threads: PIL releases the GIL) into a uint8 cache on ``device``.
+
+        On a CUDA device the cache stays in (pinned) host memory if it would take more than half
+        of the free GPU memory; :func:`batches` then sends each batch's uint8 crops asynchronously.
+        """
         images = list(images)
+        workers = workers or min(16, os.cpu_count() or 4)
         out = np.empty((len(images), side, side, 3), np.uint8)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for i, arr in enumerate(pool.map(lambda im: _decode_resize(index, im, side), images)):
                 out[i] = arr
-        data = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(device)
+        data = torch.from_numpy(out)
+        device = torch.device(device)
+        if device.type == "cuda" and not _fits_on_gpu(data.numel(), device):
+            data = data.permute(0, 3, 1, 2).contiguous().pin_memory()
+        else:  # NHWC -> NCHW on the target device (fast on a GPU)
+            data = data.to(device).permute(0, 3, 1, 2).contiguous()
         return cls(data, images)
 
     @property
@@ -134,31 +159,72 @@ def center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
     return batch[:, :, o:o + size, o:o + size].float().div_(255.0)
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host (pinned staging on CUDA); no-op on the same device."""
+    if t.device == device:
+        return t
+    if device.type != "cuda":  # to the host: a plain (synchronous) copy, safe to read at once
+        return t.to(device)
+    if t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def batches(cache: ImageCache, rows: torch.Tensor, labels: torch.Tensor | None, batch_size: int, size: int,
             train: bool, generator: torch.Generator | None = None, device=None,
             channels_last: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield (x, y) batches. Training: shuffled (seeded) and augmented; evaluation: in order, centre crop."""
-    device = device or cache.data.device
+    """Yield (x, y) batches. Training: shuffled (seeded) and augmented; evaluation: in order, centre crop.
+
+    Everything random is drawn at the start of the epoch (see the module docstring); the loop itself
+    never waits for the device.
+    """
+    device = torch.device(device) if device is not None else cache.data.device
     n = len(rows)
     if train and generator is None:
         raise ValueError("training batches need a seeded torch.Generator")
+    rows = torch.as_tensor(rows).cpu()
     perm = torch.randperm(n, generator=generator) if train else torch.arange(n)
     order = rows[perm]
-    lab = labels[perm] if labels is not None else None
+    lab = None
+    if labels is not None:
+        lab = torch.as_tensor(labels)
+        lab = lab[perm.to(lab.device)]
     # drop_last drops only a trailing batch of one image (BatchNorm cannot train on it)
     stop = n - 1 if (drop_last and n % batch_size == 1 and n > 1) else n
-    for s in range(0, stop, batch_size):
-        idx = order[s:s + batch_size]
-        raw = cache.data[idx.to(cache.data.device)]
+    starts = list(range(0, stop, batch_size))
+    if not starts:
+        return
+    cache_dev = cache.data.device
+    # where batches are cropped and augmented: on the cache's device, or on the target GPU when the
+    # cache is in host memory (the uint8 crops travel, 4x smaller than float images)
+    work_dev = device if (cache_dev.type == "cpu" and device.type == "cuda") else cache_dev
+    params = None
+    if train:  # same generator calls, same order, as drawing them batch by batch
+        ps = [draw_params(min(batch_size, n - s), cache.side, size, generator) for s in starts]
+        ints = torch.stack([torch.cat([getattr(p, k).to(torch.int64) for p in ps])
+                            for k in ("top", "left", "hflip", "vflip")])
+        floats = torch.stack([torch.cat([getattr(p, k) for p in ps]) for k in ("bright", "contrast")])
+        ints, floats = _to(ints, work_dev), _to(floats, work_dev)
+        params = AugParams(ints[0], ints[1], ints[2].bool(), ints[3].bool(), floats[0], floats[1])
+    order_c = _to(order[:stop], cache_dev)  # indices into the cache, where the cache lives
+    lab_d = _to(lab[:stop], device) if lab is not None else None
+    for s in starts:
+        e = min(s + batch_size, n)
+        if work_dev != cache_dev:  # gather the uint8 rows into pinned memory, send asynchronously
+            raw = torch.empty((e - s, *cache.data.shape[1:]), dtype=cache.data.dtype, pin_memory=True)
+            torch.index_select(cache.data, 0, order_c[s:e], out=raw)
+            raw = raw.to(work_dev, non_blocking=True)
+        else:
+            raw = cache.data.index_select(0, order_c[s:e])
         if train:
-            p = draw_params(len(idx), cache.side, size, generator)
+            p = AugParams(*(getattr(params, k)[s:e] for k in ("top", "left", "hflip", "vflip", "bright", "contrast")))
             x = augment(raw, p, size)
         else:
             x = center_crop(raw, size)
-        x = x.to(device, non_blocking=True)
+        x = _to(x, device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = lab[s:s + batch_size].to(device, non_blocking=True) if lab is not None else None
+        y = lab_d[s:e] if lab_d is not None else None
         yield x, y
 
 

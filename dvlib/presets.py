@@ -43,7 +43,22 @@ class Preset:
         bad = sorted(k for k in kw if k not in names)
         if bad:
             raise DvlibError(f"unknown preset fields {bad}; valid: {sorted(names)}")
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+        out = replace(self, **{k: v for k, v in kw.items() if v is not None})
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        from dvlib.models import ARCHS, HEADS
+
+        if self.arch not in ARCHS:
+            raise DvlibError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.head not in HEADS:
+            raise DvlibError(f"unknown head mode {self.head!r}; valid: {', '.join(HEADS)}")
+        for name in ("image_size", "epochs", "batch_size", "n_hospitals", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise DvlibError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise DvlibError(f"lr must be > 0, got {self.lr}")
 
 
 PRESETS: dict[str, Preset] = {

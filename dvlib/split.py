@@ -66,8 +66,14 @@ def _stratified_groups(rec: pd.DataFrame, k: int, seed: int, pick: int | None = 
     fold = np.zeros(len(rec), int)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        for f, (_, test_idx) in enumerate(cv.split(np.zeros(len(rec)), rec["label"].values, rec["patient"].values)):
-            fold[test_idx] = f
+        try:
+            for f, (_, test_idx) in enumerate(cv.split(np.zeros(len(rec)), rec["label"].values,
+                                                       rec["patient"].values)):
+                fold[test_idx] = f
+        except ValueError as e:
+            raise DvlibError(f"cannot make {k_eff} patient-disjoint, label-stratified parts of "
+                             f"{len(rec)} images of {n_groups} patients ({e}); use fewer hospitals or a "
+                             "larger test fraction") from e
     if pick is not None:
         return fold == pick
     return fold

@@ -9,7 +9,7 @@ from dvlib import __version__
 from dvlib.io import DvlibError
 
 # each module defines register(subparsers) and sets func=handler(args) -> int on its parsers
-COMMAND_MODULES = ["dvlib.cli.train_cmds", "dvlib.cli.data_cmds", "dvlib.cli.run_cmd"]
+COMMAND_MODULES = ["dvlib.cli.train_cmds", "dvlib.cli.data_cmds", "dvlib.cli.run_cmd", "dvlib.cli.site_cmds"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ def register(sub) -> None:
                        description="Split the dataset into patient-disjoint, label-stratified hospitals, each "
                                    "with its own train/test split; the manifest is written once and reused.")
     add_run_args(p)
+    p.add_argument("--strict", action="store_true",
+                   help="fail if metadata rows lack images or images lack metadata rows (default: count them)")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("finetune", help="fine-tune each hospital's model (and Full Training)",
@@ -24,12 +26,24 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a run's test splits",
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a run's test splits, or on data folders",
                        description="Evaluate a .safetensors checkpoint on every hospital's test split and on "
-                                   "all test images of the run; write metrics as CSV and JSON.")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint with its .json sidecar")
+                                   "all test images of the run; write metrics as CSV and JSON. With --data: "
+                                   "evaluate a checkpoint (or a site vector file) on one or more local data "
+                                   "folders (and pooled) and also write a confusion-matrix PNG.")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint with its .json sidecar (with --data also a "
+                                      "site vector file)")
     add_run_args(p)
-    p.add_argument("--out", help="output prefix for <out>.csv / <out>.json (default: next to the checkpoint)")
+    p.add_argument("--out", help="output prefix for <out>.eval.csv / <out>.eval.json (and <out>.confusion.png "
+                                 "with --data) (default: next to the checkpoint)")
+    d = p.add_argument_group("data folders (instead of a run)")
+    d.add_argument("--data", nargs="+", metavar="DIR_OR_DATASET",
+                   help="evaluate on these folders (one sub-folder per class) or dataset names, each and pooled")
+    d.add_argument("--split", default="all", choices=["all", "test", "train"],
+                   help="with --data: all images (default), or each folder's own patient-disjoint test/train "
+                        "split as `dvlib site finetune` made it")
+    d.add_argument("--split-seed", type=int, help="with --data: seed of that split (default: the one recorded "
+                                                  "in the model's metadata, else 0); --test-frac likewise")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -42,6 +56,10 @@ def cmd_split(args: argparse.Namespace) -> int:
     from dvlib.experiment import step_split
 
     run = open_or_create(args)
+    if args.strict:
+        from dvlib.data import load_dataset
+
+        load_dataset(run.preset.dataset, strict=True)
     table = step_split(run)
     print(f"run {run.name}: manifests in {run.dir}")
     _print(table)
@@ -71,6 +89,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dvlib.experiment import Session
     from dvlib.io import DvlibError, write_csv, write_json
 
+    if args.data:
+        return _evaluate_data(args)
     run = open_or_create(args)
     sd, meta = load_checkpoint(args.checkpoint)
     rows = []
@@ -84,4 +104,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     write_csv(out.with_name(out.name + ".eval.csv"), table)
     write_json(out.with_name(out.name + ".eval.json"), rows)
     _print(table.drop(columns=["confusion"]).round(4))
+    return 0
+
+
+def _evaluate_data(args: argparse.Namespace) -> int:
+    """``evaluate --data``: a model on local data folders (see :func:`dvlib.site.evaluate_folders`)."""
+    from pathlib import Path
+
+    from dvlib.io import DvlibError
+    from dvlib.site import evaluate_folders
+
+    if args.run:
+        raise DvlibError("evaluate: give either --run (a run's test splits) or --data (folders), not both")
+    table, _ = evaluate_folders(args.checkpoint, args.data, split=args.split, split_seed=args.split_seed,
+                                test_frac=args.test_frac, image_size=args.image_size, device=args.device,
+                                out=args.out, weights=args.weights)
+    prefix = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
+    _print(table.drop(columns=["model"]).round(4))
+    print(f"wrote {prefix}.eval.json, {prefix}.eval.csv, {prefix}.confusion.png")
     return 0

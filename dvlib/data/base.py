@@ -127,7 +127,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **opts) -> Da
     folder = dataset_dir(name, root)
     if not folder.is_dir():
         env = os.environ.get("DVLIB_DATA")
-        where = f"DVLIB_DATA={env}" if env else "DVLIB_DATA is not set, so the default data/raw was used"
+        if root is not None:
+            where = f"data root given as {root}"
+        else:
+            where = f"DVLIB_DATA={env}" if env else "DVLIB_DATA is not set, so the default data/raw was used"
         raise DvlibError(f"dataset {name!r} not found: looked for the folder {folder.resolve()} ({where}). "
                          f"Point DVLIB_DATA at the folder that holds {name}/, "
                          f"or run `dvlib data download {name}`.")

@@ -1,0 +1,58 @@
+"""Shared fixtures: small datasets written to temporary folders in the official layouts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    # 2-core machines: one intra-op thread keeps small tests fast and stable
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def write_image(path: Path, rng: np.random.Generator, size=(40, 30), fmt=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+
+
+@pytest.fixture
+def pad_root(tmp_path: Path) -> Path:
+    """A tiny PAD-UFES-20 in the official layout: metadata.csv + images nested under images/,
+    re-encoded as .jpg for some rows, one row without an image."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    folder = root / "pad_ufes_20"
+    classes = ["ACK", "BCC", "MEL", "NEV", "SCC", "SEK"]
+    rows = []
+    for p in range(36):
+        label = classes[p % 6]
+        for k in range(1 + p % 2):
+            img_id = f"PAT_{p}_{100 + p}_{k}.png"
+            rows.append({"patient_id": f"PAT_{p}", "lesion_id": 100 + p, "diagnostic": label, "img_id": img_id,
+                         "age": 50})
+            part = f"imgs_part_{1 + p % 3}"
+            ext = ".jpg" if k else ".png"
+            write_image(folder / "images" / part / (Path(img_id).stem + ext), rng)
+    rows.append({"patient_id": "PAT_999", "lesion_id": 1, "diagnostic": "BCC", "img_id": "PAT_999_1_0.png", "age": 1})
+    pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "pad_ufes_20" / "metadata.csv").exists():
+        pytest.skip("the shared PAD-UFES-20 subset is not beside this checkout")
+    return SHARED_DATA

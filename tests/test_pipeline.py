@@ -1,0 +1,90 @@
+"""The papermill chain end to end (smoke preset, synthetic data, CPU) into temporary folders."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from dvlib.io import DvlibError
+from dvlib.pipeline import STEPS, run_chain
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    base = tmp_path_factory.mktemp("chain")
+    dirs = {"runs_dir": str(base / "runs"), "reports_dir": str(base / "reports"), "figures_dir": str(base / "figures")}
+    records = run_chain("t-smoke", "smoke", seeds=[0], device="cpu", log=lambda *_: None, **dirs)
+    return base, records
+
+
+def test_every_notebook_runs_and_renders(chain):
+    base, records = chain
+    assert [r["step"] for r in records] == [s for s, _ in STEPS]
+    assert all(r["status"] == "ran" for r in records)
+    for name, _ in STEPS:
+        nb = nbformat.read(str(base / "reports" / f"{name}.ipynb"), as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        assert not errors, name
+        assert (base / "reports" / f"{name}.html").stat().st_size > 10_000
+        assert (base / "reports" / "logs" / f"{name}.log").exists()
+
+
+def test_every_result_file_exists_and_parses(chain):
+    base, _ = chain
+    results = base / "runs" / "t-smoke" / "results"
+    for _, outputs in STEPS:
+        for o in outputs:
+            df = pd.read_csv(results / f"{o}.csv")
+            assert len(df) > 0, o
+    ev = pd.read_csv(results / "restore_eval.csv")
+    assert {"params_mean", "data_vector", "random_vector", "ties", "dare", "weighted", "pretrained"} <= set(ev["method"])
+    assert {"none", "recalibrate", "finetune_epoch"} <= set(ev["restore"])
+    assert set(ev["eval_on"]) == {"h0", "h1", "h2", "h3", "pooled"}
+    assert ev[["accuracy", "balanced_accuracy"]].apply(lambda s: s.between(0, 1)).all().all()
+    # the published copy beside the notebooks holds the same tables
+    published = base / "reports" / "results"
+    assert (published / "table_accuracy.csv").read_text() == (results / "table_accuracy.csv").read_text()
+    assert json.loads((published / "run.json").read_text())["preset"] == "smoke"
+
+
+def test_figures_written(chain):
+    base, _ = chain
+    for name in ("fig2_layerwise_cosine", "lambda_curve", "shards", "training"):
+        for ext in ("png", "pdf"):
+            assert (base / "figures" / f"{name}.{ext}").stat().st_size > 1000
+
+
+def test_figures_redraw_from_result_files_alone(chain, tmp_path):
+    from dvlib import reporting
+
+    base, _ = chain
+    published = base / "reports" / "results"  # no checkpoints here
+    reporting.plot_layer_cosine(published, tmp_path / "fig2")
+    reporting.plot_lambda_curve(published, out=tmp_path / "lam")
+    assert (tmp_path / "fig2.png").exists() and (tmp_path / "lam.pdf").exists()
+    table = reporting.paper_table(published, "accuracy")
+    assert list(table.columns) == ["Params Mean", "Data Vector", "Random Vector", "Base Model", "Full Training"]
+    assert list(table.index) == ["1", "2", "3", "4", "pooled"]
+
+
+def test_second_run_skips_finished_steps(chain):
+    base, _ = chain
+    records = run_chain("t-smoke", "smoke", seeds=[0], device="cpu", runs_dir=str(base / "runs"),
+                        reports_dir=str(base / "reports"), figures_dir=str(base / "figures"), log=lambda *_: None)
+    assert all(r["status"] == "skipped" for r in records)
+
+
+def test_changed_settings_do_not_overwrite_a_run(chain):
+    base, _ = chain
+    with pytest.raises(DvlibError, match="exists with other settings"):
+        run_chain("t-smoke", "smoke", seeds=[0, 1], device="cpu", runs_dir=str(base / "runs"),
+                  reports_dir=str(base / "reports"), figures_dir=str(base / "figures"), log=lambda *_: None)
+
+
+def test_failing_notebook_names_itself_and_the_cell(tmp_path):
+    with pytest.raises(DvlibError, match=r"notebook 01_split_data failed in cell \d+ .*unknown dataset .no_such_dataset_dir."):
+        run_chain("t-fail", "smoke", dataset="no_such_dataset_dir", seeds=[0], device="cpu",
+                  runs_dir=str(tmp_path / "runs"), reports_dir=str(tmp_path / "reports"),
+                  figures_dir=str(tmp_path / "figures"), log=lambda *_: None, html=False)
