@@ -256,6 +256,50 @@ def sync_check(arch: str, cache: ImageCache, labels: torch.Tensor, num_classes: 
 
 # --- (d) the whole protocol ----------------------------------------------------------------------
 
+class _Breakdown:
+    """Time (and count) the calls the protocol spends its time in, by patching the names that
+    :mod:`dvlib.experiment` and :mod:`dvlib.restore` call. Nested calls are counted in both (e.g. a
+    ``fit`` inside a restore), so the categories overlap the steps, not one another; ``fit`` and
+    ``predict`` return only after the device has finished (both read results back)."""
+
+    TARGETS = (("dvlib.experiment", "fit"), ("dvlib.restore", "fit"), ("dvlib.experiment", "predict"),
+               ("dvlib.experiment", "compute_metrics"), ("dvlib.models", "build"),
+               ("dvlib.experiment", "save_checkpoint"), ("dvlib.experiment", "load_checkpoint"),
+               ("dvlib.experiment", "merge"), ("dvlib.restore", "recalibrate"))
+
+    def __init__(self):
+        self.stats: dict[str, dict] = {}
+        self.saved = []
+
+    def __enter__(self):
+        import importlib
+
+        for mod_name, attr in self.TARGETS:
+            mod = importlib.import_module(mod_name)
+            fn = getattr(mod, attr)
+            key = "models.build" if attr == "build" else attr
+            self.saved.append((mod, attr, fn))
+            setattr(mod, attr, self._wrap(key, fn))
+        return self
+
+    def _wrap(self, key, fn):
+        st = self.stats.setdefault(key, {"calls": 0, "seconds": 0.0})
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                st["calls"] += 1
+                st["seconds"] += time.perf_counter() - t0
+        return wrapper
+
+    def __exit__(self, *exc):
+        for mod, attr, fn in reversed(self.saved):
+            setattr(mod, attr, fn)
+        return False
+
+
 def protocol(preset: str, overrides: dict, seed: int, device: torch.device) -> dict:
     import pandas as pd
 
@@ -276,13 +320,14 @@ def protocol(preset: str, overrides: dict, seed: int, device: torch.device) -> d
             return out
 
         t_all = time.perf_counter()
-        timed("split", lambda: ex.step_split(run))
-        ex._CACHES.clear()
-        s = timed("cache", lambda: ex.Session(run, seed))  # decode once; later steps reuse it
-        timed("finetune", lambda: ex.step_finetune(run, progress=False))
-        timed("merge", lambda: ex.step_merge(run))
-        timed("restore", lambda: ex.step_restore(run))
-        timed("similarity", lambda: ex.step_similarity(run))
+        with _Breakdown() as bd:
+            timed("split", lambda: ex.step_split(run))
+            ex._CACHES.clear()
+            s = timed("cache", lambda: ex.Session(run, seed))  # decode once; later steps reuse it
+            timed("finetune", lambda: ex.step_finetune(run, progress=False))
+            timed("merge", lambda: ex.step_merge(run))
+            timed("restore", lambda: ex.step_restore(run))
+            timed("similarity", lambda: ex.step_similarity(run))
         total = time.perf_counter() - t_all
         hist = pd.read_csv(run.result("finetune_history"))
         p = run.preset
@@ -295,7 +340,7 @@ def protocol(preset: str, overrides: dict, seed: int, device: torch.device) -> d
             "n_hospitals": p.n_hospitals, "images": len(s.manifest),
             "train_images": int((s.manifest["subset"] == "train").sum()),
             "cache_device": str(s.cache.data.device),
-            "steps_s": steps, "total_s": total,
+            "steps_s": steps, "total_s": total, "breakdown": bd.stats,
             "finetune_images": int(hist["images"].sum()),
             "finetune_fit_s": float(hist["seconds"].sum()),
             "finetune_fit_img_per_s": float(hist["images"].sum() / hist["seconds"].sum()),
@@ -474,6 +519,8 @@ def main(argv=None) -> dict:
         pr = res["protocol"]
         print("protocol steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in pr["steps_s"].items())
               + f"; total {pr['total_s']:.2f} s per seed", flush=True)
+        print("protocol time in: " + ", ".join(f"{k} {v['seconds']:.2f}s/{v['calls']}"
+                                               for k, v in pr["breakdown"].items()), flush=True)
     else:
         res["protocol"] = None
     res["wall_s"] = time.perf_counter() - t_start

@@ -95,39 +95,49 @@ class Run:
         return pd.read_csv(p)
 
 
+IDENTITY_EXCLUDES = ("seeds", "device", "dvlib_version")
+
+
 def create_run(name: str, preset: str = "smoke", seeds: Sequence[int] = (0,), root: str | os.PathLike | None = None,
                device: str = "auto", overwrite: bool = False, **overrides) -> Run:
-    """Create (or reopen with identical settings) the run folder ``<root>/<name>``."""
+    """Create (or reopen with identical settings) the run folder ``<root>/<name>``.
+
+    A run's identity is its settings (preset + overrides). Seeds are replicates inside it
+    (``seed_<s>/``) and the device does not change what is computed, so neither is part of it:
+    ``dvlib finetune --hospital 0`` (seed 0) and a later ``make report`` (seeds 0 1 2) share a run.
+    """
     if not name or "/" in name or name.startswith("."):
         raise DvlibError(f"invalid run name {name!r}: use letters, digits, '-' and '_'")
     root = Path(root) if root is not None else runs_root()
     p = get_preset(preset, **overrides)
-    config = {**p.to_dict(), "preset": preset, "seeds": [int(s) for s in seeds], "device": device}
-    config.pop("name", None)
+    settings = {**p.to_dict(), "preset": preset}
+    settings.pop("name", None)
     run_dir = root / name
     cfg_path = run_dir / "run.json"
     if cfg_path.exists():
-        old = read_json(cfg_path)
-        same = {k: v for k, v in old.items() if k != "dvlib_version"} == config
-        if not same and not overwrite:
-            diff = sorted(k for k in set(old) | set(config) if k != "dvlib_version" and old.get(k) != config.get(k))
+        old = {k: v for k, v in read_json(cfg_path).items() if k not in IDENTITY_EXCLUDES}
+        if old != settings and not overwrite:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise DvlibError(f"{cfg_path}: run {name!r} exists with other settings ({', '.join(diff)}); "
                              "choose another run name or pass overwrite=True (--overwrite) to start it afresh")
-        if not same:
+        if old != settings:
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg_path.exists():
         from dvlib import __version__
 
-        write_json(cfg_path, {**config, "dvlib_version": __version__})
-    return Run(name, root, config)
+        write_json(cfg_path, {**settings, "dvlib_version": __version__})
+    return Run(name, root, {**settings, "seeds": [int(s) for s in seeds], "device": device})
 
 
-def open_run(name: str, root: str | os.PathLike | None = None) -> Run:
+def open_run(name: str, root: str | os.PathLike | None = None, seeds: Sequence[int] | None = None,
+             device: str = "auto") -> Run:
+    """Reopen a run; seeds default to every ``seed_<s>/`` folder it has."""
     root = Path(root) if root is not None else runs_root()
-    cfg = read_json(root / name / "run.json")
-    cfg.pop("dvlib_version", None)
-    return Run(name, root, cfg)
+    cfg = {k: v for k, v in read_json(root / name / "run.json").items() if k not in IDENTITY_EXCLUDES}
+    if seeds is None:
+        seeds = sorted(int(p.name.split("_", 1)[1]) for p in (root / name).glob("seed_*") if p.is_dir())
+    return Run(name, root, {**cfg, "seeds": list(seeds), "device": device})
 
 
 # --- data for one seed ------------------------------------------------------------------------
@@ -424,6 +434,16 @@ def setup_run(run: str, preset: str, dataset: str = "", seeds: Sequence[int] = (
         over["dataset"] = dataset
     root = Path(runs_dir) if runs_dir else (Path(os.environ["DVLIB_RUNS"]) if os.environ.get("DVLIB_RUNS")
                                             else project_root() / "runs")
+    cfg_path = root / run / "run.json"
+    if cfg_path.exists() and not (set(over) - {"dataset"}):
+        # an existing run keeps the settings it was created with (e.g. by `dvlib run --lr ...`)
+        existing = open_run(run, root, seeds, device)
+        stored = existing.config
+        if stored["preset"] != preset or ("dataset" in over and stored["dataset"] != over["dataset"]):
+            raise DvlibError(f"{cfg_path}: run {run!r} was created with preset {stored['preset']!r} and dataset "
+                             f"{stored['dataset']!r}, not {preset!r}/{over.get('dataset', stored['dataset'])!r}; "
+                             "use another run name")
+        return existing
     return create_run(run, preset, seeds, root=root, device=device, **over)
 
 

@@ -154,8 +154,10 @@ def augment_reference(batch: torch.Tensor, p: AugParams, size: int) -> torch.Ten
 
 
 def center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre ``size`` crop of a uint8 batch -> float in [0, 1]; the offset rounds as torchvision's
+    ``center_crop`` does (``round((side - size) / 2)``, half to even)."""
     side = batch.shape[-1]
-    o = (side - size) // 2
+    o = int(round((side - size) / 2.0))
     return batch[:, :, o:o + size, o:o + size].float().div_(255.0)
 
 

@@ -93,7 +93,7 @@ def publish_results(run, dest: Path) -> Path:
     for f in sorted((run.dir / "results").glob("*")):
         if f.suffix in (".csv", ".md", ".json"):
             shutil.copyfile(f, dest / f.name)
-    shutil.copyfile(run.dir / "run.json", dest / "run.json")
+    write_json(dest / "run.json", {**run.config, "run": run.name})
     return dest
 
 

@@ -208,7 +208,7 @@ def load_vectors(paths: Sequence[str | os.PathLike]) -> list:
         try:
             vfs.append(load_vector(p))
         except DvlibError as e:
-            problems.append(str(e))
+            problems += _lines(e)
     for vf in vfs:
         for k in ("head", "weights", "build_seed"):
             if k not in vf.meta:
@@ -217,7 +217,7 @@ def load_vectors(paths: Sequence[str | os.PathLike]) -> list:
         try:
             check_mergeable(vfs)
         except DvlibError as e:
-            problems.append(str(e))
+            problems += _lines(e)
         ref = vfs[0]
         for vf in vfs[1:]:
             for k in ("head", "image_size"):
@@ -226,6 +226,14 @@ def load_vectors(paths: Sequence[str | os.PathLike]) -> list:
     if problems:
         raise DvlibError(f"cannot merge {len(paths)} vector files:\n  - " + "\n  - ".join(problems))
     return vfs
+
+
+def _lines(e: Exception) -> list[str]:
+    """The problems listed in a multi-line error ("header:\n  - a\n  - b"), or the message itself."""
+    lines = str(e).splitlines()
+    if len(lines) == 1:
+        return lines
+    return [ln.strip()[2:] if ln.strip().startswith("- ") else ln.strip() for ln in lines[1:] if ln.strip()]
 
 
 def _resolve_weights(spec: str, override: str | None, search: Iterable[Path]) -> str:

@@ -78,8 +78,8 @@ def test_second_run_skips_finished_steps(chain):
 
 def test_changed_settings_do_not_overwrite_a_run(chain):
     base, _ = chain
-    with pytest.raises(DvlibError, match="exists with other settings"):
-        run_chain("t-smoke", "smoke", seeds=[0, 1], device="cpu", runs_dir=str(base / "runs"),
+    with pytest.raises(DvlibError, match=r"exists with other settings \(lr\)"):
+        run_chain("t-smoke", "smoke", seeds=[0], device="cpu", runs_dir=str(base / "runs"), extra={"lr": 0.5},
                   reports_dir=str(base / "reports"), figures_dir=str(base / "figures"), log=lambda *_: None)
 
 

@@ -343,8 +343,10 @@ def test_merge_reports_every_problem_at_once(good, tmp_path, capsys):
     vf = load_vector(b)
     dropped = next(iter(vf.vector))
     short = tmp_path / "short.dv.safetensors"
-    save_vector(short, {k: v for k, v in vf.vector.items() if k != dropped}, vf.head, vf.bn,
-                {k: v for k, v in vf.meta.items() if k not in ("format_version", "dvlib_version")})
+    meta = {k: v for k, v in vf.meta.items() if k not in ("format_version", "dvlib_version")}
+    save_vector(short, {k: v for k, v in vf.vector.items() if k != dropped}, vf.head, vf.bn, meta)
+    if short.read_bytes()[:1] == b"\x80":  # see test_header_length_is_not_taken_for_a_pickle
+        save_vector(short, {k: v for k, v in vf.vector.items() if k != dropped}, vf.head, vf.bn, {**meta, "pad": 1})
     swapped = _copy_vector(b, tmp_path / "swapped.dv.safetensors", meta={"classes": vf.classes[::-1]})
     cut = tmp_path / "cut.dv.safetensors"
     cut.write_bytes(b.read_bytes()[:100])
@@ -379,3 +381,17 @@ def test_restore_refuses_wrong_classes_and_double_visit(work, flow, tmp_path, ca
              out, "other_site", "classes")
     _refused(capsys, ["site", "restore", str(work / "merged.bn.safetensors"), "--data", str(work / "site_b"),
                       "--out", str(out)], out, "site_b", "already contributed")
+
+
+@pytest.mark.xfail(reason="dvlib.vectors._sniff takes a safetensors header whose length has low byte 0x80 "
+                          "for a pickle (about 1 valid file in 256 refused); fix: test the pickle magic only "
+                          "when byte 8 is not '{'", strict=False)
+def test_header_length_is_not_taken_for_a_pickle(tmp_path):
+    vf_meta = {"arch": "smallcnn", "classes": ["a", "b"], "sample_count": 1, "pretrained_sha256": "ab" * 32}
+    vec = {"w": torch.zeros(2)}
+    for pad in range(300):
+        path = save_vector(tmp_path / "v.dv.safetensors", vec, {}, {}, {**vf_meta, "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    load_vector(path)

@@ -15,6 +15,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runs-dir", help="folder holding run folders (default: $DVLIB_RUNS or runs/)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     g.add_argument("--overwrite", action="store_true", help="start the run afresh if its settings changed")
+    add_override_args(p)
+
+
+def add_override_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("preset overrides")
     o.add_argument("--arch", help="efficientnet_lite0, resnet50 or smallcnn")
     o.add_argument("--weights", help="imagenet, random or a path to backbone weights")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from dvlib.cli.common import OVERRIDES, add_override_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="execute the notebook chain (split → finetune → merge → restore → "
@@ -21,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--steps", nargs="+", help="only these notebooks, e.g. 03_merge 06_results")
     p.add_argument("--overwrite", action="store_true", help="re-run steps whose outputs exist")
     p.add_argument("--no-html", action="store_true", help="skip HTML rendering")
+    add_override_args(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -32,6 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dataset = args.dataset or ""
     seeds = args.seeds if args.seeds else [p.seed]
     name = args.run or f"{args.preset}-{(dataset or p.dataset).replace('/', '_')}"
+    extra = {k: getattr(args, k) for k in OVERRIDES if k != "dataset" and getattr(args, k, None) is not None}
     run_chain(name, args.preset, dataset, seeds, args.device, args.runs_dir, args.reports_dir, args.figures_dir,
-              overwrite=args.overwrite, steps=args.steps, html=not args.no_html)
+              overwrite=args.overwrite, steps=args.steps, html=not args.no_html, extra=extra)
     return 0
