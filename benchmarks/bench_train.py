@@ -4,7 +4,8 @@ One run, one device, one JSON (``benchmarks/results/train_<device-kind>.json`` u
 
 (a) ``raw``      the limit: training steps of the model on synthetic tensors already on the device
                  (Adam via :func:`dvlib.train.make_optimizer`, weighted cross-entropy, bf16 autocast and
-                 channels_last on CUDA exactly as :func:`dvlib.train.fit` sets them up);
+                 a channels_last model on CUDA exactly as :func:`dvlib.train.fit` sets them up; the input
+                 is channels_last on every device, as dvlib's augmented batches are);
 (b) ``fit``      :func:`dvlib.train.fit` on real images from an :class:`dvlib.loader.ImageCache`
                  (augmentation, batching and any host->device transfer included; decoding the images
                  into the cache is timed separately as ``dataset.decode_s``);
@@ -23,7 +24,6 @@ weights otherwise; throughput does not depend on them, and the JSON says what wa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import math
 import os
@@ -165,9 +165,8 @@ def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: in
     opt = make_optimizer(model, lr=1e-5, device=device)
     crit = nn.CrossEntropyLoss(weight=torch.ones(num_classes, device=device))
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.rand(batch, 3, size, size, device=device, generator=g)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    # channels_last on every device, as dvlib's augmented batches are (on a CPU too, where it is faster)
+    x = torch.rand(batch, 3, size, size, device=device, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device, generator=g)
 
     def step():
@@ -300,7 +299,7 @@ class _Breakdown:
         return False
 
 
-def protocol(preset: str, overrides: dict, seed: int, device: torch.device) -> dict:
+def protocol(preset: str, overrides: dict, seed: int, device: torch.device, on_step=None) -> dict:
     import pandas as pd
 
     from dvlib import experiment as ex
@@ -317,6 +316,8 @@ def protocol(preset: str, overrides: dict, seed: int, device: torch.device) -> d
             out = fn()
             _sync(device)
             steps[name] = time.perf_counter() - t0
+            if on_step is not None:
+                on_step(dict(steps))
             return out
 
         t_all = time.perf_counter()
@@ -385,7 +386,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="reduced sizes for CPU/CI: smallcnn, 64 px, batch 8, 3 steps, synthetic, protocol on "
                          "the smoke preset with 1 epoch and 48 patients")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<device-kind>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default <out-dir>/train_<device-kind>[_<tag>].json)")
+    ap.add_argument("--out-dir", default=None, help="folder of the default JSON path (default benchmarks/results)")
+    ap.add_argument("--tag", default="", help="suffix of the default JSON name (default: 'quick' with --quick)")
     a = ap.parse_args(argv)
     q = a.quick
     a.image_size_given = a.image_size is not None
@@ -422,6 +425,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     dev = device_info(device)
+    tag = a.tag or ("quick" if a.quick else "")
+    out = Path(a.out) if a.out else (Path(a.out_dir) if a.out_dir else RESULTS) / \
+        f"train_{dev['kind']}{'_' + tag if tag else ''}.json"
     n_patients = 48 if a.quick else 160
     t_start = time.perf_counter()
     res: dict = {
@@ -432,7 +438,7 @@ def main(argv=None) -> dict:
         "arch": a.arch, "image_size": a.image_size, "batch_sizes": a.batch_sizes,
         "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-        "channels_last": device.type == "cuda",
+        "channels_last": {"model": device.type == "cuda", "input_batches": True},
         "optimizer": "Adam (fused)" if device.type == "cuda" else "Adam",
         "throughput_weights": "random",
         "compile_measured": bool(a.compile),
@@ -469,6 +475,10 @@ def main(argv=None) -> dict:
         for compile in ([False, True] if a.compile else [False]):
             for b in a.batch_sizes:
                 row = {"batch_size": b, "compile": compile}
+                if compile:  # each batch size gets its own (static-shape) compilation
+                    from torch import _dynamo
+
+                    _dynamo.reset()
                 try:
                     row["raw"] = raw_throughput(a.arch, k, b, a.image_size, a.steps, a.warmup, a.repeats, device,
                                                 compile)
@@ -486,7 +496,9 @@ def main(argv=None) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)
+                write_json(out, {**res, "throughput": rows, "complete": False})
         res["throughput"] = rows
+        write_json(out, {**res, "complete": False})  # what is done so far survives a timeout
         if device.type == "cuda":
             res["sync_check"] = sync_check(a.arch, cache, labels, k, a.batch_sizes[0], a.image_size, device)
             print(f"sync check: {res['sync_check']['sync_warnings']} synchronisation warning(s) in "
@@ -514,7 +526,8 @@ def main(argv=None) -> dict:
         if a.image_size_given or a.quick:
             overrides.setdefault("image_size", a.image_size)
         print(f"protocol: preset {a.preset} with {overrides} ...", flush=True)
-        res["protocol"] = protocol(a.preset, overrides, a.seed, device)
+        res["protocol"] = protocol(a.preset, overrides, a.seed, device, on_step=lambda st: write_json(
+            out, {**res, "protocol": {"preset": a.preset, "overrides": overrides, "steps_s": st}, "complete": False}))
         res["protocol"]["weights_note"] = why
         pr = res["protocol"]
         print("protocol steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in pr["steps_s"].items())
@@ -524,7 +537,7 @@ def main(argv=None) -> dict:
     else:
         res["protocol"] = None
     res["wall_s"] = time.perf_counter() - t_start
-    out = Path(a.out) if a.out else RESULTS / f"train_{dev['kind']}{'_quick' if a.quick else ''}.json"
+    res["complete"] = True
     write_json(out, res)
     print(f"wrote {out}", flush=True)
     return res

@@ -184,10 +184,17 @@ class Session:
         return models.build(self.p.arch, len(self.classes), weights=self.p.weights, head=self.p.head,
                             seed=self.seed)
 
-    def model_from(self, state_dict: dict) -> models.DVNet:
-        m = models.build(self.p.arch, len(self.classes), weights="random", head=self.p.head, seed=self.seed)
-        m.load_state_dict(state_dict, strict=True)
-        return m
+    def model_from(self, state_dict: dict, fresh: bool = False) -> models.DVNet:
+        """A model holding ``state_dict``. By default one network is reused for every call (building
+        one costs more than loading weights); ``fresh=True`` when two must live at once."""
+        if fresh or getattr(self, "_template", None) is None:
+            m = models.build(self.p.arch, len(self.classes), weights="random", head=self.p.head, seed=self.seed)
+            if fresh:
+                m.load_state_dict(state_dict, strict=True)
+                return m
+            self._template = m
+        self._template.load_state_dict(state_dict, strict=True)
+        return self._template
 
     def pretrained_state(self) -> tuple[dict, str]:
         path = self.run.ckpt(self.seed, "pretrained")
@@ -505,9 +512,9 @@ def verify_recalibration(run: Run, seed: int) -> float:
     s = Session(run, seed)
     merged, _ = load_checkpoint(run.ckpt(seed, "merged_data_vector"))
     shards = s.train_shards()
-    ours = s.model_from(merged)
+    ours = s.model_from(merged, fresh=True)
     restore_mod.recalibrate(ours, shards, size=s.p.image_size, device=s.device)
-    ref = s.model_from(merged).to(s.device)
+    ref = s.model_from(merged, fresh=True).to(s.device)
     loader = [x for sh in shards for x, _ in batches(sh.cache, sh.rows, None, 64, s.p.image_size, train=False,
                                                       device=s.device, channels_last=s.device.type == "cuda")]
     update_bn(loader, ref, device=s.device)

@@ -134,12 +134,15 @@ def _sum_taus(pretrained: StateDict, finetuned: Sequence[StateDict], key: str, l
 
 
 def negative_variance_keys(state_dict: StateDict) -> dict[str, float]:
-    """``{key: min value}`` for every ``*.running_var`` that is not strictly positive (or holds NaN)."""
+    """``{key: min value}`` for every ``*.running_var`` holding a negative value (or NaN).
+
+    Exactly zero is allowed: pretrained networks have dead channels (EfficientNet-Lite0's ImageNet
+    weights have zero running variances in 28 BatchNorm layers), and eps keeps them finite."""
     out = {}
     for k, t in state_dict.items():
         if k.rsplit(".", 1)[-1] == "running_var" and t.numel():
             lo = float(t.detach().min())
-            if not lo > 0:
+            if not lo >= 0:
                 out[k] = lo
     return out
 
@@ -380,7 +383,7 @@ def merge(pretrained: StateDict, finetuned: Sequence[StateDict], method: str = "
     negative = negative_variance_keys(bn)
     if negative:
         lines = [f"{k}: min {v:.6g}" for k, v in negative.items()]
-        msg = (f"bn_buffers={bn_buffers!r} with method {method!r} gives non-positive running_var in "
+        msg = (f"bn_buffers={bn_buffers!r} with method {method!r} gives negative running_var in "
                f"{len(negative)} BatchNorm layer(s):\n  - " + "\n  - ".join(lines))
         if not allow_negative_var:
             raise DvlibError(msg + "\nuse bn_buffers='mean' or 'pretrained' (then restore BN statistics), "

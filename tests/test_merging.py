@@ -348,7 +348,10 @@ def test_negative_variance_allowed_warns_and_records():
     assert negative_variance_keys(out) == {"bn.running_var": pytest.approx(-0.8)}
     assert report["negative_variance"] == {"bn.running_var": pytest.approx(-0.8)}
     assert report["method"] == "data_vector" and report["n_models"] == 4
-    assert negative_variance_keys({"x.running_var": torch.tensor([1.0, 0.0])}) == {"x.running_var": 0.0}
+    # exact zeros are legitimate (dead channels of pretrained networks); negatives and NaN are not
+    assert negative_variance_keys({"x.running_var": torch.tensor([1.0, 0.0])}) == {}
+    assert negative_variance_keys({"x.running_var": torch.tensor([1.0, -1e-6])}) == {"x.running_var": pytest.approx(-1e-6)}
+    assert "x.running_var" in negative_variance_keys({"x.running_var": torch.tensor([1.0, float("nan")])})
     assert negative_variance_keys({"x.running_var": torch.ones(3), "w": -torch.ones(2)}) == {}
 
 

@@ -76,7 +76,8 @@ NOTEBOOKS = {
         md("## Hospitals\nImages per class in each hospital's train and test split (first seed)."),
         code("shards = ex.step_split(R)\ndisplay(shards[shards.seed == R.seeds[0]].set_index([\"hospital\", \"subset\"]))"),
         md("Invariants of the saved split (compared by nbval in CI):"),
-        code("# NBVAL_CHECK_OUTPUT\nfor seed, checks in ex.split_checks(R).items():\n    print(f\"seed {seed}: {checks}\")"),
+        code("# NBVAL_CHECK_OUTPUT\nfor seed, checks in ex.split_checks(R).items():\n    print(f\"seed {seed}: {checks}\")\n"
+             "print(shards.groupby([\"seed\", \"subset\"])[\"patients\"].apply(list).to_string())"),
         code("reporting.plot_shards(R.dir, FIG / \"shards\");"),
     ],
     "02_finetune_hospitals": header(
