@@ -191,6 +191,9 @@ def plot_layer_cosine(results, out: str | os.PathLike | None = None):
             continue
         ax.plot(agg.index, agg["mean"], **st)
         ax.fill_between(agg.index, agg["mean"] - agg["std"], agg["mean"] + agg["std"], color=st["color"], alpha=0.08)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("convolution layer (network order)")
     ax.set_ylabel("cosine similarity to Full Training vector")
     ax.set_ylim(-0.05, 1.0)
@@ -219,8 +222,11 @@ def plot_lambda_curve(results, metric: str = "accuracy", out: str | os.PathLike 
     full = ft[ft["method"] == "full_training"][metric].mean() * 100
     ax.axhline(base, color="tab:blue", ls="--", label="hospital models (mean)")
     ax.axhline(full, color="black", ls=":", label="Full Training")
-    ax.axvline(0.25, color="grey", lw=0.8, alpha=0.6)
-    ax.text(0.255, ax.get_ylim()[0], " 1/N = mean", fontsize=7, color="grey", va="bottom")
+    n_hosp = int(ft["model"].str.startswith("hospital_").groupby(ft["seed"]).sum().max())
+    if n_hosp:
+        ax.axvline(1 / n_hosp, color="grey", lw=0.8, alpha=0.6)
+        ax.text(1 / n_hosp, ax.get_ylim()[0], f" 1/N: plain average of the {n_hosp} models", fontsize=7,
+                color="grey", va="bottom")
     ax.set_xlabel("lambda")
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%) — pooled test")
     ax.grid(alpha=0.3)
@@ -288,10 +294,13 @@ def headline(results, metric: str = "accuracy", restore: str = "finetune_epoch")
              f"- Random Vector {pooled.get('random_vector', np.nan):.2f}",
              f"- hospital models (mean) {base:.2f}",
              f"- Full Training {pooled.get('full_training', np.nan):.2f}"]
-    for other, label in [("params_mean", "Params Mean"), ("full_training", "Full Training")]:
+    def verdict(diff: float) -> str:
+        return "wins" if diff > 0 else ("ties" if diff == 0 else "loses")
+
+    for other, label in [("params_mean", "Params Mean"), ("random_vector", "Random Vector"),
+                         ("full_training", "Full Training")]:
         if other in pooled:
-            verdict = "beats" if dv > pooled[other] else "does not beat"
-            lines.append(f"Data Vector {verdict} {label} by {dv - pooled[other]:+.2f} points.")
-    lines.append(f"Data Vector {'beats' if dv > base else 'does not beat'} the average hospital model "
-                 f"by {dv - base:+.2f} points.")
+            diff = dv - pooled[other]
+            lines.append(f"Data Vector vs {label}: {diff:+.2f} points ({verdict(diff)}).")
+    lines.append(f"Data Vector vs the average hospital model: {dv - base:+.2f} points ({verdict(dv - base)}).")
     return "\n".join(lines)

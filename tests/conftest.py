@@ -12,6 +12,12 @@ from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
+# property-based tests explore the same examples on every run: CI stays reproducible
+from hypothesis import settings as _hyp_settings
+
+_hyp_settings.register_profile("dvlib", derandomize=True, deadline=None)
+_hyp_settings.load_profile("dvlib")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():

@@ -155,7 +155,8 @@ NOTEBOOKS = {
         "movement from the pretrained weights and Full Training's movement. Blue: each hospital's data "
         "vector. Red: the merged data vector (cosine is scale-free, so lambda does not matter), before "
         "and after restore. The paper's claim: the merged vector points closer to Full Training than any "
-        "hospital's.",
+        "hospital's. (Params Mean moves the pretrained weights by the *mean* of the data vectors, which has "
+        "the same direction as their sum, so its line coincides with the data vector's before restore.)",
         "checkpoints of notebooks 02-04.",
         "`results/layer_cosine.csv`, `figures/<run>/fig2_layerwise_cosine.{png,pdf}`.",
     ) + [
