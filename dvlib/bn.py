@@ -33,13 +33,15 @@ def _images(batch: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batch_iterables: Sequence[Iterable[Any]],
-                   device: torch.device | str | None = None) -> list[int]:
+                   device: torch.device | str | None = None, reset: bool = True) -> list[int]:
     """Recompute BatchNorm running statistics from ``batch_iterables`` (one per hospital), in place.
 
     Batches are tensors or ``(x, y, ...)`` tuples (only ``x`` is used), moved to ``device`` if given.
     Momenta, per-module train/eval flags are restored afterwards; if anything fails (or no image is
     seen) the original statistics are put back and the error re-raised. Returns images seen per iterable.
     A model without BatchNorm is left as is (zeros returned, iterables not consumed).
+    ``reset=False`` continues the cumulative average from ``num_batches_tracked`` instead of starting
+    afresh (a later hospital adding its images to statistics gathered elsewhere).
     """
     iterables = list(batch_iterables)
     bns = bn_modules(model)
@@ -52,7 +54,8 @@ def recalibrate_bn(model: nn.Module, batch_iterables: Sequence[Iterable[Any]],
     ok = False
     try:
         for m in bns:
-            m.reset_running_stats()
+            if reset:
+                m.reset_running_stats()
             m.momentum = None
         model.train()
         for it in iterables:

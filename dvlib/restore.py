@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from dvlib.bn import recalibrate_bn

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from dvlib import models
-from dvlib.bn import bn_modules
+from dvlib.bn import bn_modules, recalibrate_bn
 from dvlib.io import DvlibError, atomic_path, sha256_file, write_csv, write_json
 
 __all__ = ["SiteData", "open_site", "finetune_site", "load_vectors", "rebuild_pretrained", "merge_sites",
@@ -408,47 +407,23 @@ def _split_settings(meta: dict, seed: int | None, test_frac: float | None) -> tu
 
 # ---------------------------------------------------------------------------------- 3. restore
 
-@torch.no_grad()
 def accumulate_bn(model: nn.Module, images: Iterable[torch.Tensor], *, reset: bool) -> tuple[int, int]:
     """Add ``images`` (batches) to the model's BatchNorm running statistics, in place.
 
     Cumulative average per batch (``momentum=None``), continuing from ``num_batches_tracked`` unless
-    ``reset``. Momenta and train/eval flags are restored; on error (or no image) the statistics are
-    put back. Returns (images, batches) seen. ``reset=True`` over all batches at once equals
-    :func:`dvlib.bn.recalibrate_bn`.
+    ``reset`` (see :func:`dvlib.bn.recalibrate_bn`, which does the work). Returns (images, batches) seen.
     """
-    bns = bn_modules(model)
-    if not bns:
+    if not bn_modules(model):
         return 0, 0
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(),
-              None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
-    modes = [(m, m.training) for m in model.modules()]
-    n = b = 0
-    ok = False
-    try:
-        for m in bns:
-            if reset:
-                m.reset_running_stats()
-            m.momentum = None
-        model.train()
+    seen = {"batches": 0}
+
+    def counted():
         for x in images:
-            model(x)
-            n += int(x.shape[0])
-            b += 1
-        if n == 0:
-            raise DvlibError("no images to recalibrate BatchNorm statistics with; statistics left unchanged")
-        ok = True
-    finally:
-        for m, (momentum, mean, var, nbt) in zip(bns, saved):
-            m.momentum = momentum
-            if not ok:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                if nbt is not None:
-                    m.num_batches_tracked.copy_(nbt)
-        for m, training in modes:
-            m.training = training
-    return n, b
+            seen["batches"] += 1
+            yield x
+
+    (n,) = recalibrate_bn(model, [counted()], reset=reset)
+    return n, seen["batches"]
 
 
 def restore_site(model_path: str | os.PathLike, data: str, out: str | os.PathLike, *, mode: str = "recalibrate",

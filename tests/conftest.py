@@ -1,7 +1,6 @@
 """Shared fixtures: small datasets written to temporary folders in the official layouts."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

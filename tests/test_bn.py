@@ -12,13 +12,6 @@ from dvlib.bn import bn_modules, recalibrate_bn
 from dvlib.io import DvlibError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

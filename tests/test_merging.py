@@ -19,14 +19,6 @@ from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, key_kinds, keys_of, lay
 ATOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine's 2 cores are shared; OpenMP spinning against another process is very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Net(nn.Module):
     """ResNet18 backbone + new head, keys ``backbone.*`` and ``head.*`` (like dvlib.models.DVNet)."""

@@ -25,13 +25,6 @@ from dvlib.vectors import (BN_STAT, COUNTER, FORMAT_VERSION, HEAD, PARAM, Vector
 CLASSES = ["benign", "malignant", "normal"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def net():
