@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import _cpu_name  # noqa: E402  (one way of naming the machine for both benchmarks)
 
 from dvlib.io import write_json  # noqa: E402
 from dvlib.merging import METHODS, merge  # noqa: E402
@@ -29,16 +32,6 @@ from dvlib.vectors import PARAM, check_compatible, key_kinds, keys_of  # noqa: E
 OUT = Path(__file__).resolve().parent / "results" / "merge_cpu.json"
 N_MODELS = 4
 SLOW = {"ties": 2, "random_vector": 3, "dare": 3}  # fewer runs for the slow baselines
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _median_time(fn, runs: int) -> tuple[float, list[float]]:

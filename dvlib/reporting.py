@@ -166,6 +166,13 @@ def _save_fig(fig, path: Path) -> list[Path]:
     return out
 
 
+def _finish(fig, out):
+    fig.tight_layout()
+    if out is not None:
+        _save_fig(fig, Path(out))
+    return fig
+
+
 def plot_layer_cosine(results, out: str | os.PathLike | None = None):
     """Figure 2: cosine similarity to the Full Training vector per convolution layer (network order);
     one line per hospital (blue) and for the merged vectors (red: data vector before restore; dark
@@ -199,10 +206,7 @@ def plot_layer_cosine(results, out: str | os.PathLike | None = None):
     ax.set_ylim(-0.05, 1.0)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    if out is not None:
-        _save_fig(fig, Path(out))
-    return fig
+    return _finish(fig, out)
 
 
 def plot_lambda_curve(results, metric: str = "accuracy", out: str | os.PathLike | None = None):
@@ -231,10 +235,7 @@ def plot_lambda_curve(results, metric: str = "accuracy", out: str | os.PathLike 
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%) — pooled test")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    if out is not None:
-        _save_fig(fig, Path(out))
-    return fig
+    return _finish(fig, out)
 
 
 def plot_shards(results, out: str | os.PathLike | None = None):
@@ -251,10 +252,7 @@ def plot_shards(results, out: str | os.PathLike | None = None):
         ax.set_title(f"{subset} images per hospital")
         ax.set_xlabel("hospital")
     axes[1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.tight_layout()
-    if out is not None:
-        _save_fig(fig, Path(out))
-    return fig
+    return _finish(fig, out)
 
 
 def plot_training(results, out: str | os.PathLike | None = None):
@@ -270,10 +268,7 @@ def plot_training(results, out: str | os.PathLike | None = None):
     ax.set_ylabel("weighted cross-entropy (train)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    if out is not None:
-        _save_fig(fig, Path(out))
-    return fig
+    return _finish(fig, out)
 
 
 def results_frame(results, steps: Sequence[str] = ("finetune_eval", "merge_eval", "restore_eval")) -> pd.DataFrame:
