@@ -40,7 +40,7 @@ bench: venv
 # regenerate notebooks/ from tools/make_notebooks.py and store the smoke outputs nbval compares
 notebooks: venv
 	$(PY) tools/make_notebooks.py
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.kernel_name=python3 notebooks/0*.ipynb
+	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.record_timing=False notebooks/0*.ipynb
 
 clean:
 	rm -rf runs/smoke reports/smoke figures/smoke .pytest_cache

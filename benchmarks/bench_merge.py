@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,7 +68,7 @@ def _bench(pre, fts, runs: int) -> dict:
     kinds = key_kinds(fts[0])
     n_float = sum(v.numel() for v in pre.values() if v.is_floating_point())
     a, b, c = torch.randn(n_float), torch.randn(n_float), torch.empty(n_float)
-    add_s, _ = _median_time(lambda: torch.add(a, b, out=c), max(runs, 10))
+    add_s, _ = _median_time(partial(torch.add, a, b, out=c), max(runs, 10))
     del a, b, c
     res: dict = {"threads": torch.get_num_threads(), "torch_add_s": add_s, "methods": {}}
     check_s, _ = _median_time(lambda: check_compatible(fts + [pre]), runs)

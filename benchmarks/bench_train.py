@@ -299,7 +299,8 @@ class _Breakdown:
         return False
 
 
-def protocol(preset: str, overrides: dict, seed: int, device: torch.device, on_step=None) -> dict:
+def protocol(preset: str, overrides: dict, seed: int, device: torch.device, on_step=None,
+             finetune_devices: list[str] | None = None) -> dict:
     import pandas as pd
 
     from dvlib import experiment as ex
@@ -324,8 +325,9 @@ def protocol(preset: str, overrides: dict, seed: int, device: torch.device, on_s
         with _Breakdown() as bd:
             timed("split", lambda: ex.step_split(run))
             ex._CACHES.clear()
-            s = timed("cache", lambda: ex.Session(run, seed))  # decode once; later steps reuse it
-            timed("finetune", lambda: ex.step_finetune(run, progress=False))
+            s = ex.Session(run, seed)
+            timed("cache", lambda: s.cache)  # decode once; later steps reuse it
+            timed("finetune", lambda: ex.step_finetune(run, progress=False, devices=finetune_devices))
             timed("merge", lambda: ex.step_merge(run))
             timed("restore", lambda: ex.step_restore(run))
             timed("similarity", lambda: ex.step_similarity(run))
@@ -336,6 +338,7 @@ def protocol(preset: str, overrides: dict, seed: int, device: torch.device, on_s
         later = hist[hist["epoch"] > 1]["seconds"]
         out = {
             "preset": preset, "overrides": overrides, "seed": seed,
+            "finetune_devices": ex.finetune_devices(str(device), finetune_devices),
             "arch": p.arch, "weights": p.weights, "dataset": p.dataset, "image_size": p.image_size,
             "epochs": p.epochs, "batch_size": p.batch_size, "eval_batch_size": p.eval_batch_size,
             "n_hospitals": p.n_hospitals, "images": len(s.manifest),
@@ -352,6 +355,7 @@ def protocol(preset: str, overrides: dict, seed: int, device: torch.device, on_s
                             ("finetune_eval", "merge_eval", "lambda_eval", "bn_policy_eval", "restore_eval")},
         }
     ex._CACHES.clear()
+    ex._SESSIONS.clear()
     return out
 
 
@@ -378,6 +382,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                     help="extra preset override for the protocol, e.g. --set epochs=8 (repeatable)")
     ap.add_argument("--seed", type=int, default=0, help="protocol seed")
+    ap.add_argument("--finetune-devices", nargs="+", default=None, metavar="DEVICE",
+                    help="protocol: fine-tune one process per device (e.g. cuda:0 cuda:0 runs two models at once "
+                         "on one GPU); default: the one device")
     ap.add_argument("--dataset", default=None,
                     help="pad_ufes_20 (under $DVLIB_DATA; synthetic if absent) | synthetic | any dvlib dataset "
                          "(default pad_ufes_20; quick: synthetic)")
@@ -527,7 +534,8 @@ def main(argv=None) -> dict:
             overrides.setdefault("image_size", a.image_size)
         print(f"protocol: preset {a.preset} with {overrides} ...", flush=True)
         res["protocol"] = protocol(a.preset, overrides, a.seed, device, on_step=lambda st: write_json(
-            out, {**res, "protocol": {"preset": a.preset, "overrides": overrides, "steps_s": st}, "complete": False}))
+            out, {**res, "protocol": {"preset": a.preset, "overrides": overrides, "steps_s": st}, "complete": False}),
+            finetune_devices=a.finetune_devices)
         res["protocol"]["weights_note"] = why
         pr = res["protocol"]
         print("protocol steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in pr["steps_s"].items())

@@ -29,8 +29,11 @@
 #   3. compile      (a)-(c) again, eager and torch.compile            -> train_<gpu>_compile.json
 #   4. optional (GPU_CHECK_RESNET=1): the paper protocol with ResNet50 and random weights (the paper's
 #                   exact compute)                                    -> train_<gpu>_protocol-resnet50.json
+#   5. optional (GPU_CHECK_PARALLEL=1): stage 2 with two fine-tuning processes sharing the GPU
+#                   (--finetune-devices cuda:0 cuda:0)                -> train_<gpu>_protocol-2proc.json
 # Environment: GPU_CHECK_DRY=1 (CPU, tiny sizes), GPU_CHECK_COMPILE=0 (skip stage 3),
-# GPU_CHECK_RESNET=1 (add stage 4), PYTHON (default python3), DVLIB_DATA (default .devdata).
+# GPU_CHECK_RESNET=1 (add stage 4), GPU_CHECK_PARALLEL=1 (add stage 5; use with GPU_CHECK_COMPILE=0 to
+# stay in time), PYTHON (default python3), DVLIB_DATA (default .devdata).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -92,7 +95,7 @@ else
   SIZE=(--image-size 224 --batch-sizes 32 128)
   PROTO=(--preset paper)
   ARCH=efficientnet_lite0
-  L1=120; L2=220; L3=180; L4=220  # worst case 520 s (+ about 15 s around them); stage 4 only with GPU_CHECK_COMPILE=0
+  L1=120; L2=220; L3=180; L4=220  # worst case 520 s (+ about 15 s around them); stage 4 or 5 (one of them) only with GPU_CHECK_COMPILE=0
 fi
 
 stage() {  # stage NAME LIMIT_S ARGS... : one bench run under a time limit, output to the log
@@ -111,6 +114,11 @@ stage protocol "$L2" --arch "$ARCH" --no-throughput "${PROTO[@]}" --tag "protoco
 if [ "${GPU_CHECK_COMPILE:-1}" = 1 ]; then
   stage compile "$L3" --arch "$ARCH" "${SIZE[@]}" --compile --no-protocol --steps 20 --repeats 2 \
     --tag "compile$([ "$DRY" = 1 ] && echo -dry)"
+fi
+if [ "${GPU_CHECK_PARALLEL:-0}" = 1 ]; then
+  stage protocol-2proc "$L4" --arch "$ARCH" --no-throughput "${PROTO[@]}" \
+    --finetune-devices $([ "$DRY" = 1 ] && echo cpu cpu || echo cuda:0 cuda:0) \
+    --tag "protocol-2proc$([ "$DRY" = 1 ] && echo -dry)"
 fi
 if [ "${GPU_CHECK_RESNET:-0}" = 1 ]; then
   stage protocol-resnet50 "$L4" --arch "$([ "$DRY" = 1 ] && echo smallcnn || echo resnet50)" --weights random \

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -161,18 +163,29 @@ class Session:
         self.manifest = load_manifest(self.run.manifest_path(self.seed), self.classes)
         self.class_id = {c: i for i, c in enumerate(self.classes)}
         self.hospitals = sorted(int(h) for h in self.manifest["hospital"].unique())
+
+    @cached_property
+    def cache(self) -> ImageCache:
+        """Every image of the manifest decoded once (built on first use, shared by later sessions
+        of the same images, size and device in this process)."""
         key = (self.index.name, str(self.index.root), cache_size_for(self.p.image_size),
                tuple(sorted(self.manifest["image"])), str(self.device))
         if key not in _CACHES:
             _CACHES.clear()
             _CACHES[key] = ImageCache.build(self.index, sorted(self.manifest["image"]),
                                             cache_size_for(self.p.image_size), device=self.device)
-        self.cache = _CACHES[key]
+        return _CACHES[key]
+
+    def _rows(self, hospital: int | None, subset: str) -> pd.DataFrame:
+        m = self.manifest[self.manifest["subset"] == subset]
+        return m if hospital is None else m[m["hospital"] == hospital]
+
+    def n_images(self, hospital: int | None, subset: str) -> int:
+        """Images in a shard, without decoding any."""
+        return len(self._rows(hospital, subset))
 
     def shard(self, hospital: int | None, subset: str) -> Shard:
-        m = self.manifest[self.manifest["subset"] == subset]
-        if hospital is not None:
-            m = m[m["hospital"] == hospital]
+        m = self._rows(hospital, subset)
         name = f"h{hospital}" if hospital is not None else "pooled"
         return Shard(name, self.cache, self.cache.rows(m["image"]),
                      torch.tensor(m["label"].map(self.class_id).to_numpy(), dtype=torch.long))
@@ -262,33 +275,137 @@ def finetune_targets(run: Run) -> list[str]:
 
 
 def step_finetune(run: Run, targets: Iterable[str] | None = None, overwrite: bool = False,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, devices: Sequence[str] | None = None) -> pd.DataFrame:
     """Fine-tune each hospital's model (``hospital_i``) and Full Training (``full``) from the
-    pretrained weights; evaluate each; skip checkpoints that exist unless ``overwrite``."""
+    pretrained weights; evaluate each; skip checkpoints that exist unless ``overwrite``.
+
+    The models are independent, so with several ``devices`` (default: every visible GPU when the
+    run's device is ``auto``, see :func:`finetune_devices`) they are trained one process per device,
+    longest first. Each model's seed depends only on (seed, target): where a model is trained does not
+    change it, beyond the device's own arithmetic.
+    """
     targets = list(targets) if targets is not None else finetune_targets(run)
     valid = finetune_targets(run)
     bad = [t for t in targets if t not in valid]
     if bad:
         raise DvlibError(f"unknown fine-tuning targets {bad}; valid: {valid}")
-    p = run.preset
+    devs = finetune_devices(run.config.get("device", "auto"), devices)
+    jobs = []
     for seed in run.seeds:
-        s = Session(run, seed)
-        pre_sd, pre_sha = s.pretrained_state()
+        s = _session(run, seed, devs[0] if len(devs) == 1 else "cpu")
+        s.pretrained_state()  # written once here, before any worker reads it
         for t in targets:
-            path = run.ckpt(seed, t)
-            if path.exists() and not overwrite:
-                continue
-            shard = s.shard(None if t == "full" else int(t.split("_")[1]), "train")
-            model = s.model_from(pre_sd)
-            cw = class_weights(shard.labels.numpy(), len(s.classes), allow_missing=True)
-            hist = fit(model, s.cache, shard.rows, shard.labels, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                       size=p.image_size, seed=seed * 1000 + len(t) + sum(map(ord, t)), device=s.device,
-                       weight_decay=p.weight_decay, class_weight=cw, progress=progress, desc=f"seed {seed} {t}")
-            ev = s.evaluate(model, model=t, method="base_model" if t != "full" else "full_training",
-                            restore="none", lam=np.nan)
-            save_checkpoint(path, model.state_dict(), s.meta(pre_sha, tag=t, train_images=len(shard),
-                                                              history=hist, eval=ev))
+            if overwrite or not run.ckpt(seed, t).exists():
+                jobs.append((s.n_images(_target_hospital(t), "train"), seed, t))
+    if len(devs) == 1 or len(jobs) <= 1:
+        for _, seed, t in jobs:
+            _finetune_one(run, seed, t, devs[0], progress)
+    else:
+        _finetune_parallel(run, sorted(jobs, key=lambda j: -j[0]), devs, progress)
     return finetune_table(run)
+
+
+def _target_hospital(target: str) -> int | None:
+    return None if target == "full" else int(target.split("_")[1])
+
+
+def finetune_devices(run_device: str = "auto", requested: Sequence[str] | None = None,
+                     cuda_count: int | None = None) -> list[str]:
+    """Where fine-tuning runs: ``requested`` if given (each checked), otherwise every visible GPU when
+    ``run_device`` is ``auto`` and more than one is visible, otherwise ``run_device`` alone."""
+    if requested:
+        devs = [str(d) for d in requested]
+        for d in devs:
+            try:
+                resolve_device(d)
+            except (DvlibError, RuntimeError) as e:
+                raise DvlibError(f"devices: {d!r} is not usable ({e})") from None
+            if d.startswith("cuda:") and int(d.split(":")[1]) >= torch.cuda.device_count():
+                raise DvlibError(f"devices: {d!r} is not usable ({torch.cuda.device_count()} GPU(s) visible)")
+        return devs
+    n = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if str(run_device) == "auto" and n > 1:
+        return [f"cuda:{i}" for i in range(n)]
+    return [str(run_device)]
+
+
+def _finetune_one(run: Run, seed: int, target: str, device: str, progress: bool = False) -> float:
+    """Train, evaluate and save one model; returns its wall time in seconds."""
+    t0 = time.perf_counter()
+    p = run.preset
+    s = _session(run, seed, device)
+    pre_sd, pre_sha = s.pretrained_state()
+    shard = s.shard(_target_hospital(target), "train")
+    model = s.model_from(pre_sd)
+    cw = class_weights(shard.labels.numpy(), len(s.classes), allow_missing=True)
+    hist = fit(model, s.cache, shard.rows, shard.labels, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+               size=p.image_size, seed=seed * 1000 + len(target) + sum(map(ord, target)), device=s.device,
+               weight_decay=p.weight_decay, class_weight=cw, progress=progress, desc=f"seed {seed} {target}")
+    ev = s.evaluate(model, model=target, method="base_model" if target != "full" else "full_training",
+                    restore="none", lam=np.nan)
+    save_checkpoint(run.ckpt(seed, target), model.state_dict(),
+                    s.meta(pre_sha, tag=target, train_images=len(shard), history=hist, eval=ev, device=str(s.device)))
+    return time.perf_counter() - t0
+
+
+_SESSIONS: dict[tuple, Session] = {}
+
+
+def _session(run: Run, seed: int, device: str) -> Session:
+    """One session per (run, seed, device) in this process, so consecutive jobs share the decoded
+    images and the reusable model."""
+    manifest = run.manifest_path(seed)
+    key = (str(run.dir.resolve()), json.dumps(run.config, sort_keys=True), seed, str(device),
+           manifest.stat().st_mtime_ns if manifest.exists() else 0)
+    if key not in _SESSIONS:
+        _SESSIONS.clear()
+        _SESSIONS[key] = Session(run, seed, device)
+    return _SESSIONS[key]
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(device_queue, threads: int) -> None:
+    dev = device_queue.get()
+    _WORKER["device"] = dev
+    if dev.startswith("cuda:"):
+        torch.cuda.set_device(int(dev.split(":")[1]))
+    if dev == "cpu":
+        torch.set_num_threads(threads)
+
+
+def _worker_job(run: Run, seed: int, target: str) -> tuple[str, float]:
+    dev = _WORKER["device"]
+    try:
+        return dev, _finetune_one(run, seed, target, dev)
+    except Exception as e:  # noqa: BLE001 - re-raised with where it happened; the traceback is chained
+        raise DvlibError(f"fine-tuning {target} (seed {seed}) on {dev} failed: {type(e).__name__}: {e}") from e
+
+
+def _finetune_parallel(run: Run, jobs: list[tuple[int, int, str]], devices: list[str], progress: bool) -> None:
+    """One worker process per device, each taking the next job when it is free (the largest first)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    q = ctx.Queue()
+    for d in devices:
+        q.put(d)
+    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_worker_init, initargs=(q, threads)) as pool:
+        futures = {pool.submit(_worker_job, run, seed, t): (seed, t) for _, seed, t in jobs}
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                pool.shutdown(cancel_futures=True)
+                raise f.exception()
+        if progress:
+            for f, (seed, t) in futures.items():
+                dev, sec = f.result()
+                print(f"seed {seed} {t}: {sec:.1f} s on {dev}")
+            print(f"{len(jobs)} models on {len(devices)} devices in {time.perf_counter() - t0:.1f} s")
 
 
 def finetune_table(run: Run) -> pd.DataFrame:

@@ -34,8 +34,12 @@ def notebooks_dir() -> Path:
 def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequence[int] = (0,),
               device: str = "auto", runs_dir: str = "", reports_dir: str = "", figures_dir: str = "",
               overwrite: bool = False, steps: Sequence[str] | None = None, html: bool = True,
-              extra: dict | None = None, log=print) -> list[dict]:
-    """Execute the chain; returns one record per step (name, status, seconds, output)."""
+              extra: dict | None = None, notebook_params: dict | None = None, log=print) -> list[dict]:
+    """Execute the chain; returns one record per step (name, status, seconds, output).
+
+    ``extra`` are preset overrides (fixed in the run's settings); ``notebook_params`` go to the
+    notebooks whose parameters cell declares them (e.g. ``devices`` to 02, ``methods`` to 03).
+    """
     import papermill as pm
 
     from dvlib.experiment import project_root, setup_run
@@ -54,6 +58,12 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
     the_run = setup_run(run, preset, dataset, list(seeds), device, runs, **(extra or {}))
     params = {"run": run, "preset": preset, "dataset": dataset, "seeds": [int(s) for s in seeds],
               "device": device, "runs_dir": runs, "figures_dir": str(figures.resolve())}
+    declared = {name: notebook_parameters(nb_dir / f"{name}.ipynb") for name, _ in STEPS}
+    unknown = sorted(set(notebook_params or {}) - set().union(*declared.values()))
+    if unknown:
+        raise DvlibError(f"no notebook takes the parameters {unknown}; each notebook's are: "
+                         + "; ".join(f"{n}: {', '.join(sorted(set(d) - set(params)))}" for n, d in declared.items()
+                                     if set(d) - set(params)))
     (reports / "logs").mkdir(parents=True, exist_ok=True)
     records = []
     for name, outputs in STEPS:
@@ -70,7 +80,8 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
         logfile = reports / "logs" / f"{name}.log"
         try:
             with open(logfile, "w") as lf:
-                pm.execute_notebook(str(nb_dir / f"{name}.ipynb"), str(out_nb), parameters=params,
+                step_params = {**params, **{k: v for k, v in (notebook_params or {}).items() if k in declared[name]}}
+                pm.execute_notebook(str(nb_dir / f"{name}.ipynb"), str(out_nb), parameters=step_params,
                                     cwd=str(nb_dir), kernel_name="python3", progress_bar=False,
                                     log_output=True, stdout_file=lf, stderr_file=lf)
         except pm.PapermillExecutionError as e:
@@ -84,6 +95,13 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
     publish_results(the_run, reports / "results")
     write_json(reports / "steps.json", records)
     return records
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
+    """The names (with type, default and comment) that a notebook's ``parameters`` cell declares."""
+    import papermill as pm
+
+    return pm.inspect_notebook(str(path))
 
 
 def publish_results(run, dest: Path) -> Path:

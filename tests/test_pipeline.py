@@ -15,8 +15,12 @@ from dvlib.pipeline import STEPS, run_chain
 def chain(tmp_path_factory):
     base = tmp_path_factory.mktemp("chain")
     dirs = {"runs_dir": str(base / "runs"), "reports_dir": str(base / "reports"), "figures_dir": str(base / "figures")}
-    records = run_chain("t-smoke", "smoke", seeds=[0], device="cpu", log=lambda *_: None, **dirs)
+    records = run_chain("t-smoke", "smoke", seeds=[0], device="cpu", log=lambda *_: None,
+                        notebook_params={"lambdas": LAMBDAS}, **dirs)
     return base, records
+
+
+LAMBDAS = [0.0, 0.25, 0.5, 1.0]  # a notebook parameter (03) given to the chain instead of the default sweep
 
 
 def test_every_notebook_runs_and_renders(chain):
@@ -47,6 +51,43 @@ def test_every_result_file_exists_and_parses(chain):
     published = base / "reports" / "results"
     assert (published / "table_accuracy.csv").read_text() == (results / "table_accuracy.csv").read_text()
     assert json.loads((published / "run.json").read_text())["preset"] == "smoke"
+
+
+def test_notebook_parameters_reach_the_notebook_that_declares_them(chain):
+    base, _ = chain
+    lam = pd.read_csv(base / "runs" / "t-smoke" / "results" / "lambda_eval.csv")
+    assert sorted(lam["lam"].unique()) == LAMBDAS
+    nb = nbformat.read(str(base / "reports" / "03_merge.ipynb"), as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert "lambdas = [0.0, 0.25, 0.5, 1.0]" in injected[0].source
+    nb2 = nbformat.read(str(base / "reports" / "02_finetune_hospitals.ipynb"), as_version=4)
+    injected = [c for c in nb2.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert "lambdas" not in injected[0].source  # 02 does not declare it, so it does not get it
+
+
+def test_every_notebook_parameter_is_a_run_flag():
+    """The notebooks' parameters cells and `dvlib run` use the same names (``runs_dir`` = ``--runs-dir``)."""
+    from dvlib.cli import build_parser
+    from dvlib.cli.run_cmd import NOTEBOOK_PARAMS
+    from dvlib.pipeline import notebook_parameters, notebooks_dir
+
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    flags = {a.dest for a in run_parser._actions}
+    declared = set()
+    for name, _ in STEPS:
+        params = notebook_parameters(notebooks_dir() / f"{name}.ipynb")
+        assert set(params) <= flags, (name, set(params) - flags)
+        assert all(p["help"] for p in params.values()), f"{name}: every parameter has a comment"
+        declared |= set(params)
+    assert set(NOTEBOOK_PARAMS) <= declared
+
+
+def test_unknown_notebook_parameter_is_refused_before_any_notebook_runs(tmp_path):
+    with pytest.raises(DvlibError, match=r"no notebook takes the parameters \['lamdbas'\].*03_merge: lambdas, methods"):
+        run_chain("t-typo", "smoke", seeds=[0], device="cpu", runs_dir=str(tmp_path / "runs"),
+                  reports_dir=str(tmp_path / "reports"), figures_dir=str(tmp_path / "figures"),
+                  notebook_params={"lamdbas": [0.5]}, log=lambda *_: None)
+    assert not list((tmp_path / "reports").glob("*.ipynb"))
 
 
 def test_figures_written(chain):

@@ -86,14 +86,17 @@ NOTEBOOKS = {
         "(Adam, weighted cross-entropy, augmentation); **Full Training** fine-tunes on all hospitals' "
         "training images together (the reference the paper compares against). Each model is evaluated on "
         "every hospital's test split and on all test images. Checkpoints that exist are reused; the "
-        "`hospitals` parameter trains a subset, so hospitals can be spread over machines.",
+        "`hospitals` parameter trains a subset, so hospitals can be spread over machines; on one machine "
+        "with several GPUs the models train in parallel, one process per GPU (`devices`).",
         "the manifests of notebook 01.",
         "`runs/<run>/seed_<s>/checkpoints/{pretrained,hospital_<i>,full}.safetensors` (+ JSON sidecars), "
         "`results/finetune_eval.csv`, `results/finetune_history.csv`, `figures/<run>/training.png`.",
-        extra_params='hospitals: list = []  # targets to train, e.g. 0 1 full; empty means every hospital and Full Training',
+        extra_params='hospitals: list = []  # targets to train, e.g. 0 1 full; empty means every hospital and Full Training\n'
+                     'devices: list = []    # one training process per device, e.g. ["cuda:0", "cuda:1"]; empty means '
+                     'every visible GPU when device is auto and there are several',
     ) + [
         code("targets = [t if str(t) == \"full\" else f\"hospital_{int(t)}\" for t in hospitals] or None\n"
-             "finetune = ex.step_finetune(R, targets, progress=False)"),
+             "finetune = ex.step_finetune(R, targets, progress=False, devices=devices or None)"),
         md("Accuracy (mean over seeds) of each model on each hospital's test split (`h0`…) and on all "
            "test images (`pooled`). A hospital's own model on its own test split is the paper's **Base Model**."),
         code("display(finetune.pivot_table(index=\"model\", columns=\"eval_on\", values=\"accuracy\"))\n"
@@ -214,6 +217,8 @@ def main() -> int:
     out_dir.mkdir(exist_ok=True)
     for name, cells in NOTEBOOKS.items():
         nb = new_notebook(cells=cells)
+        for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what changed
+            cell.id = f"{name[:2]}-{i:02d}"
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
         nbformat.write(nb, str(out_dir / f"{name}.ipynb"))

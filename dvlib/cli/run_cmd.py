@@ -24,7 +24,21 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="re-run steps whose outputs exist")
     p.add_argument("--no-html", action="store_true", help="skip HTML rendering")
     add_override_args(p)
+    n = p.add_argument_group("notebook parameters (each goes to the notebooks that declare it; default: theirs)")
+    n.add_argument("--hospitals", nargs="+", metavar="H", help="02: targets to train, e.g. 0 1 full")
+    n.add_argument("--devices", nargs="+", metavar="DEVICE",
+                   help="02: fine-tune in parallel, one process per device, e.g. cuda:0 cuda:1 (default: every "
+                        "visible GPU when --device is auto and there are several)")
+    n.add_argument("--methods", nargs="+", metavar="METHOD", help="03: merge methods")
+    n.add_argument("--lambdas", nargs="+", type=float, metavar="LAM", help="03: lambda sweep of the data-vector merge")
+    n.add_argument("--restore-modes", nargs="+", metavar="MODE", help="04: restore modes to compare")
+    n.add_argument("--finetune-methods", nargs="+", metavar="METHOD",
+                   help="04: methods that get the training-based restore")
+    n.add_argument("--restore", help="06: restore mode of the merged models in the paper-layout tables")
     p.set_defaults(func=cmd_run)
+
+
+NOTEBOOK_PARAMS = ("hospitals", "devices", "methods", "lambdas", "restore_modes", "finetune_methods", "restore")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds else [p.seed]
     name = args.run or f"{args.preset}-{(dataset or p.dataset).replace('/', '_')}"
     extra = {k: getattr(args, k) for k in OVERRIDES if k != "dataset" and getattr(args, k, None) is not None}
+    nb_params = {k: getattr(args, k) for k in NOTEBOOK_PARAMS if getattr(args, k) is not None}
     run_chain(name, args.preset, dataset, seeds, args.device, args.runs_dir, args.reports_dir, args.figures_dir,
-              overwrite=args.overwrite, steps=args.steps, html=not args.no_html, extra=extra)
+              overwrite=args.overwrite, steps=args.steps, html=not args.no_html, extra=extra,
+              notebook_params=nb_params)
     return 0

@@ -21,8 +21,11 @@ def register(sub) -> None:
                        description="Fine-tune the pretrained network on one hospital's training split (or all "
                                    "of them, or the pooled data) and print its test metrics.")
     add_run_args(p)
-    p.add_argument("--hospital", nargs="+", default=None,
+    p.add_argument("--hospitals", "--hospital", nargs="+", default=None,
                    help="hospital indices and/or 'full' (default: every hospital and full)")
+    p.add_argument("--devices", nargs="+", metavar="DEVICE",
+                   help="train the models in parallel, one process per device, e.g. cuda:0 cuda:1 (default: "
+                        "every visible GPU when --device is auto and there are several, else --device)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_finetune)
 
@@ -72,9 +75,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run = open_or_create(args)
     step_split(run)
     targets = None
-    if args.hospital:
-        targets = ["full" if h == "full" else f"hospital_{int(h)}" for h in args.hospital]
-    table = step_finetune(run, targets, progress=not args.no_progress)
+    if args.hospitals:
+        targets = ["full" if h == "full" else f"hospital_{int(h)}" for h in args.hospitals]
+    table = step_finetune(run, targets, progress=not args.no_progress, devices=args.devices)
     if targets is not None:
         table = table[table["model"].isin(targets)]
     cols = ["seed", "model", "eval_on", "n", "accuracy", "balanced_accuracy", "macro_f1", "auc_ovr"]

@@ -1,0 +1,65 @@
+"""Fine-tuning spread over several devices (one process each) gives the models of the one-device path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dvlib import experiment as ex
+from dvlib.checkpoint import load_checkpoint
+from dvlib.io import DvlibError
+
+SMALL = dict(dataset="pad_ufes_20", image_size=32, epochs=2, batch_size=8, n_hospitals=2, eval_batch_size=64)
+
+
+def test_devices_default_to_every_gpu_only_when_auto():
+    assert ex.finetune_devices("auto", None, cuda_count=0) == ["auto"]
+    assert ex.finetune_devices("auto", None, cuda_count=1) == ["auto"]
+    assert ex.finetune_devices("auto", None, cuda_count=3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert ex.finetune_devices("cuda:1", None, cuda_count=3) == ["cuda:1"]
+    assert ex.finetune_devices("cpu", None, cuda_count=2) == ["cpu"]
+    assert ex.finetune_devices("auto", ["cpu", "cpu"]) == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("bad", ["tpu", f"cuda:{torch.cuda.device_count()}"])
+def test_unusable_device_is_named(bad):
+    with pytest.raises(DvlibError, match=bad):
+        ex.finetune_devices("auto", ["cpu", bad])
+
+
+def _run(root, name, pad_root, monkeypatch):
+    monkeypatch.setenv("DVLIB_DATA", str(pad_root))
+    run = ex.create_run(name, "smoke", [0, 1], root=root, device="cpu", **SMALL)
+    ex.step_split(run)
+    return run
+
+
+def test_two_worker_processes_train_the_same_models(tmp_path, pad_root, monkeypatch):
+    one = _run(tmp_path, "one", pad_root, monkeypatch)
+    two = _run(tmp_path, "two", pad_root, monkeypatch)
+    t1 = ex.step_finetune(one, progress=False)
+    t2 = ex.step_finetune(two, progress=False, devices=["cpu", "cpu"])
+    assert len(t1) == len(t2) == 2 * 3 * 3  # seeds x models x (h0, h1, pooled)
+    for seed in (0, 1):
+        for t in ex.finetune_targets(one):
+            a, ma = load_checkpoint(one.ckpt(seed, t))
+            b, mb = load_checkpoint(two.ckpt(seed, t))
+            assert ma["train_images"] == mb["train_images"] > 0
+            assert a.keys() == b.keys()
+            for k in a:  # worker processes may use other thread counts: float sums in another order
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"seed {seed} {t} {k}")
+    # the two seeds trained different models (the comparison above is not vacuous)
+    a0, _ = load_checkpoint(one.ckpt(0, "full"))
+    a1, _ = load_checkpoint(one.ckpt(1, "full"))
+    assert not torch.equal(a0["head.weight"], a1["head.weight"])
+    # finished checkpoints are kept: a second call trains nothing (it would fail: images are gone)
+    for img in (pad_root / "pad_ufes_20" / "images").rglob("*.*"):
+        img.unlink()
+    assert len(ex.step_finetune(two, progress=False, devices=["cpu", "cpu"])) == len(t2)
+
+
+def test_a_failing_worker_names_the_model_and_device(tmp_path, pad_root, monkeypatch):
+    run = _run(tmp_path, "broken", pad_root, monkeypatch)
+    victim = next((pad_root / "pad_ufes_20" / "images").rglob("*.png"))
+    victim.write_bytes(b"not an image")
+    with pytest.raises(DvlibError, match=r"on cpu failed.*" + victim.stem):
+        ex.step_finetune(run, progress=False, devices=["cpu", "cpu"])
