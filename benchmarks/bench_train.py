@@ -47,7 +47,8 @@ from dvlib import models  # noqa: E402
 from dvlib.data import load_dataset  # noqa: E402
 from dvlib.io import DvlibError, write_json  # noqa: E402
 from dvlib.loader import ImageCache, cache_size_for  # noqa: E402
-from dvlib.train import _autocast, class_weights, fit, make_optimizer, prepare, resolve_device  # noqa: E402
+from dvlib.train import (COMPILE_MODES, _autocast, class_weights, compile_mode, fit, make_optimizer,  # noqa: E402
+                         prepare, resolve_device)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -157,11 +158,13 @@ def _median(xs):
 # --- (a) the raw training step ---------------------------------------------------------------------
 
 def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: int, warmup: int, repeats: int,
-                   device: torch.device, compile: bool) -> dict:
+                   device: torch.device, compile: str | bool) -> dict:
     model = models.build(arch, num_classes, weights="random", seed=0)
     prepare(model, device)
     model.train()
-    net = torch.compile(model) if compile else model
+    mode = compile_mode(compile)
+    graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+    net = torch.compile(model, mode=mode) if mode else model
     opt = make_optimizer(model, lr=1e-5, device=device)
     crit = nn.CrossEntropyLoss(weight=torch.ones(num_classes, device=device))
     g = torch.Generator(device=device).manual_seed(0)
@@ -169,7 +172,9 @@ def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: in
     x = torch.rand(batch, 3, size, size, device=device, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device, generator=g)
 
-    def step():
+    def step():  # what dvlib.train.fit does per batch
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with _autocast(device):
             loss = crit(net(x), y)
         opt.zero_grad(set_to_none=True)
@@ -198,7 +203,7 @@ def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: in
 # --- (b) dvlib's fit on real images --------------------------------------------------------------
 
 def fit_throughput(arch: str, cache: ImageCache, labels: torch.Tensor, num_classes: int, batch: int, size: int,
-                   steps: int, warmup: int, repeats: int, device: torch.device, compile: bool) -> dict:
+                   steps: int, warmup: int, repeats: int, device: torch.device, compile: str | bool) -> dict:
     n_use = (len(cache.images) // batch) * batch
     if n_use == 0:
         raise DvlibError(f"batch {batch} is larger than the {len(cache.images)} cached images")
@@ -388,7 +393,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dataset", default=None,
                     help="pad_ufes_20 (under $DVLIB_DATA; synthetic if absent) | synthetic | any dvlib dataset "
                          "(default pad_ufes_20; quick: synthetic)")
-    ap.add_argument("--compile", action="store_true", help="measure torch.compile both ways (eager and compiled)")
+    ap.add_argument("--compile", action="store_true", help="measure torch.compile too (eager and each --compile-modes)")
+    ap.add_argument("--compile-modes", nargs="+", default=["default"], choices=COMPILE_MODES, metavar="MODE",
+                    help="torch.compile modes measured with --compile (default: default; reduce-overhead adds "
+                         "CUDA graphs)")
     ap.add_argument("--quick", action="store_true",
                     help="reduced sizes for CPU/CI: smallcnn, 64 px, batch 8, 3 steps, synthetic, protocol on "
                          "the smoke preset with 1 epoch and 48 patients")
@@ -448,7 +456,7 @@ def main(argv=None) -> dict:
         "channels_last": {"model": device.type == "cuda", "input_batches": True},
         "optimizer": "Adam (fused)" if device.type == "cuda" else "Adam",
         "throughput_weights": "random",
-        "compile_measured": bool(a.compile),
+        "compile_measured": a.compile_modes if a.compile else False,
         "reference": REFERENCE, "goals": GOALS,
     }
     print(f"device {dev['name']} ({device}), torch {res['versions']['torch']}, arch {a.arch}, "
@@ -479,7 +487,7 @@ def main(argv=None) -> dict:
             models.build(a.arch, k, weights="random", seed=0)
         res["model_build_s"] = (time.perf_counter() - t0) / 3
         rows = []
-        for compile in ([False, True] if a.compile else [False]):
+        for compile in ([False, *a.compile_modes] if a.compile else [False]):
             for b in a.batch_sizes:
                 row = {"batch_size": b, "compile": compile}
                 if compile:  # each batch size gets its own (static-shape) compilation
@@ -498,7 +506,7 @@ def main(argv=None) -> dict:
                     if not compile:
                         raise
                     row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-                    print(f"batch {b} compile=True failed: {row['error']}", flush=True)
+                    print(f"batch {b} compile={compile} failed: {row['error']}", flush=True)
                     traceback.print_exc()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -26,7 +26,8 @@
 #                   224 px, eager, plus the CUDA sync check        -> train_<gpu>.json
 #   2. protocol     (d) the whole paper protocol for one seed (paper preset with EfficientNet-Lite0,
 #                   since ResNet50's ImageNet weights cannot be fetched offline)  -> train_<gpu>_protocol.json
-#   3. compile      (a)-(c) again, eager and torch.compile            -> train_<gpu>_compile.json
+#   3. compile      (a)-(c) again: eager, torch.compile reduce-overhead (CUDA graphs), and default
+#                                                                     -> train_<gpu>_compile.json
 #   4. optional (GPU_CHECK_RESNET=1): the paper protocol with ResNet50 and random weights (the paper's
 #                   exact compute)                                    -> train_<gpu>_protocol-resnet50.json
 #   5. optional (GPU_CHECK_PARALLEL=1): stage 2 with two fine-tuning processes sharing the GPU
@@ -112,7 +113,8 @@ stage() {  # stage NAME LIMIT_S ARGS... : one bench run under a time limit, outp
 stage throughput "$L1" --arch "$ARCH" "${SIZE[@]}" --no-protocol --tag "$([ "$DRY" = 1 ] && echo dry)"
 stage protocol "$L2" --arch "$ARCH" --no-throughput "${PROTO[@]}" --tag "protocol$([ "$DRY" = 1 ] && echo -dry)"
 if [ "${GPU_CHECK_COMPILE:-1}" = 1 ]; then
-  stage compile "$L3" --arch "$ARCH" "${SIZE[@]}" --compile --no-protocol --steps 20 --repeats 2 \
+  stage compile "$L3" --arch "$ARCH" "${SIZE[@]}" --compile --compile-modes reduce-overhead default \
+    --no-protocol --steps 20 --repeats 2 \
     --tag "compile$([ "$DRY" = 1 ] && echo -dry)"
 fi
 if [ "${GPU_CHECK_PARALLEL:-0}" = 1 ]; then
@@ -137,7 +139,7 @@ for f in sorted(Path(sys.argv[1]).glob("train_*.json")):
         if "error" in t:
             print(f"  batch {t['batch_size']} compile={t['compile']}: ERROR {t['error']}")
         elif "raw" in t and "fit" in t:
-            print(f"  batch {t['batch_size']:4d} compile={t['compile']!s:5}: raw {t['raw']['img_per_s']:8.0f} img/s"
+            print(f"  batch {t['batch_size']:4d} compile={t['compile']!s:15}: raw {t['raw']['img_per_s']:8.0f} img/s"
                   f"  fit {t['fit']['img_per_s']:8.0f} img/s  ratio {t['ratio']:.3f}"
                   f"  (raw first step {t['raw']['first_step_s']:.1f} s, fit warm-up {t['fit']['warmup_s']:.1f} s)")
     if r.get("sync_check"):

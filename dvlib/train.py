@@ -68,9 +68,26 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
-def compile_default() -> bool:
-    """``torch.compile`` in :func:`fit` when not asked explicitly: ``DVLIB_COMPILE=1``."""
-    return os.environ.get("DVLIB_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: bool | str | None = None) -> str | None:
+    """The ``torch.compile`` mode :func:`fit` uses, or None for eager. ``value`` None means
+    ``$DVLIB_COMPILE``; True, "1", "true" mean "default"; False, "", "0" mean eager; "reduce-overhead"
+    (CUDA graphs: no per-kernel launch cost, for small batches) and the other torch modes as named."""
+    if value is None:
+        value = os.environ.get("DVLIB_COMPILE", "")
+    if isinstance(value, bool):
+        return "default" if value else None
+    v = str(value).strip().lower()
+    if v in ("", "0", "false", "no", "off", "eager"):
+        return None
+    if v in ("1", "true", "yes", "on"):
+        return "default"
+    if v not in COMPILE_MODES:
+        raise DvlibError(f"compile mode {value!r} (DVLIB_COMPILE or compile=) is not one of "
+                         f"eager, {', '.join(COMPILE_MODES)}")
+    return v
 
 
 class _EpochClock:
@@ -99,23 +116,25 @@ class _EpochClock:
 def fit(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torch.Tensor, *, epochs: int,
         batch_size: int, lr: float, size: int, seed: int, device: torch.device | str = "auto",
         weight_decay: float = 0.0, class_weight: torch.Tensor | None = None, progress: bool = True,
-        desc: str = "train", compile: bool | None = None) -> list[dict]:
+        desc: str = "train", compile: bool | str | None = None) -> list[dict]:
     """Fine-tune ``model`` in place on ``rows`` of ``cache``; returns per-epoch loss and throughput.
 
     No host synchronisation until the last epoch has been queued: per-epoch losses stay on the device
     and are read back together at the end (on a CPU they are shown in the progress bar as they come).
-    ``compile`` (default: ``DVLIB_COMPILE``) trains through ``torch.compile(model)``, which shares
-    ``model``'s parameters; the first batches of each new shape pay the compilation.
+    ``compile`` (default: ``$DVLIB_COMPILE``; see :func:`compile_mode`) trains through
+    ``torch.compile(model, mode=...)``, which shares ``model``'s parameters; the first batches of each
+    new shape pay the compilation.
     """
     device = resolve_device(device)
     if len(rows) == 0:
         raise DvlibError(f"{desc}: no training images")
-    compile = compile_default() if compile is None else bool(compile)
+    mode = compile_mode(compile)
+    graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")  # CUDA graphs replayed
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     prepare(model, device)
     model.train()
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, mode=mode) if mode else model
     opt = make_optimizer(model, lr, weight_decay, device)
     crit = nn.CrossEntropyLoss(weight=None if class_weight is None else class_weight.to(device))
     totals, counts = [], []
@@ -127,6 +146,8 @@ def fit(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torch.T
         n = 0
         for x, y in batches(cache, rows, labels, batch_size, size, train=True, generator=gen, device=device,
                             channels_last=device.type == "cuda", drop_last=True):
+            if graphs:  # a new training step: the previous replay's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(device):
                 loss = crit(net(x), y)
             opt.zero_grad(set_to_none=True)

@@ -164,3 +164,17 @@ def test_cli_help_and_bad_names(capsys):
     with pytest.raises(SystemExit):
         main(["split", "--preset", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_compile_mode_names(monkeypatch):
+    from dvlib.train import compile_mode
+
+    monkeypatch.delenv("DVLIB_COMPILE", raising=False)
+    assert compile_mode() is None
+    assert [compile_mode(v) for v in (False, True, "0", "1", "eager", "reduce-overhead", " Default ")] == \
+        [None, "default", None, "default", None, "reduce-overhead", "default"]
+    monkeypatch.setenv("DVLIB_COMPILE", "reduce-overhead")
+    assert compile_mode() == "reduce-overhead" and compile_mode(False) is None
+    monkeypatch.setenv("DVLIB_COMPILE", "fast")
+    with pytest.raises(DvlibError, match=r"'fast' .*reduce-overhead"):
+        compile_mode()
