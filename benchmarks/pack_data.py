@@ -1,9 +1,9 @@
 """Pack the PAD-UFES-20 subset small enough to travel with the repo to a GPU machine.
 
 Copies ``$DVLIB_DATA/pad_ufes_20`` (``metadata.csv`` + ``images/``) to ``.devdata/pad_ufes_20`` with
-every image downscaled to at most ``--max-side`` px on its shorter side (bicubic, as dvlib's cache
-does; images already small enough are copied byte for byte), keeps only the metadata rows that have an
-image, and checks the whole folder is under ``--limit-mib`` (the device tool carries at most 64 MiB
+every image downscaled to at most ``--max-side`` px on its shorter side (default 257, the cache side
+of the ``paper`` preset's 224 px crops; bicubic, as dvlib's cache does; images already small enough
+are copied byte for byte), keeps only the metadata rows that have an image, and checks the whole folder is under ``--limit-mib`` (the device tool carries at most 64 MiB
 of working tree). ``.devdata/`` is git-ignored: name it in the device tool's ``carry``.
 
     DVLIB_DATA=../shared/datasets .venv/bin/python benchmarks/pack_data.py
@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from dvlib.data import load_dataset  # noqa: E402
 from dvlib.io import DvlibError  # noqa: E402
+from dvlib.loader import cache_size_for  # noqa: E402
+
+DEFAULT_SIDE = cache_size_for(224)
 
 
 def _pack_one(src: Path, dst_dir: Path, max_side: int, quality: int) -> tuple[Path, bool]:
@@ -47,7 +50,7 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def pack(src_root: Path, dest: Path, max_side: int = 256, quality: int = 92, limit_mib: float = 60.0,
+def pack(src_root: Path, dest: Path, max_side: int = DEFAULT_SIDE, quality: int = 92, limit_mib: float = 60.0,
          workers: int | None = None) -> dict:
     index = load_dataset("pad_ufes_20", root=src_root)
     src = src_root / "pad_ufes_20"
@@ -83,7 +86,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--src", default=os.environ.get("DVLIB_DATA") or str(ROOT.parent / "shared" / "datasets"),
                     help="data root holding pad_ufes_20/ (default $DVLIB_DATA, else ../shared/datasets)")
     ap.add_argument("--dest", default=str(ROOT / ".devdata"), help="destination data root (default .devdata)")
-    ap.add_argument("--max-side", type=int, default=256, help="shorter side at most this many px (default 256)")
+    ap.add_argument("--max-side", type=int, default=DEFAULT_SIDE,
+                    help=f"shorter side at most this many px (default {DEFAULT_SIDE}: the cache side of 224 px "
+                         "crops, so dvlib's own resize becomes a no-op there)")
     ap.add_argument("--quality", type=int, default=92, help="JPEG quality of resized images (default 92)")
     ap.add_argument("--limit-mib", type=float, default=60.0, help="fail above this total size (default 60)")
     a = ap.parse_args(argv)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from dvlib.data.base import DatasetIndex
 
-CACHE_RATIO = 1.143  # cache side / crop side (224 -> 256, as ImageNet's resize-then-crop)
+CACHE_RATIO = 1.143  # cache side / crop side, rounded up: 224 -> 257, 128 -> 147 (ImageNet's 256/224)
 
 
 def cache_size_for(size: int) -> int:
