@@ -34,7 +34,7 @@ from dvlib.loader import ImageCache, Shard, cache_size_for
 from dvlib.merging import merge, negative_variance_keys
 from dvlib.presets import Preset, get_preset
 from dvlib.split import load_manifest, make_split, save_manifest, shard_table
-from dvlib.train import class_weights, compute_metrics, fit, predict, resolve_device
+from dvlib.train import class_weights, compute_metrics, fit, predict, prepare, resolve_device
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_ovr")
 PAPER_METHODS = ("params_mean", "data_vector", "random_vector")
@@ -172,6 +172,8 @@ class Session:
                tuple(sorted(self.manifest["image"])), str(self.device))
         if key not in _CACHES:
             _CACHES.clear()
+            for k in [k for k, v in _SESSIONS.items() if v is not self]:  # they may hold the previous cache
+                del _SESSIONS[k]
             _CACHES[key] = ImageCache.build(self.index, sorted(self.manifest["image"]),
                                             cache_size_for(self.p.image_size), device=self.device)
         return _CACHES[key]
@@ -631,7 +633,7 @@ def verify_recalibration(run: Run, seed: int) -> float:
     shards = s.train_shards()
     ours = s.model_from(merged, fresh=True)
     restore_mod.recalibrate(ours, shards, size=s.p.image_size, device=s.device)
-    ref = s.model_from(merged, fresh=True).to(s.device)
+    ref = prepare(s.model_from(merged, fresh=True), s.device)  # as recalibrate prepares ours (channels_last on CUDA)
     loader = [x for sh in shards for x, _ in batches(sh.cache, sh.rows, None, 64, s.p.image_size, train=False,
                                                       device=s.device, channels_last=s.device.type == "cuda")]
     update_bn(loader, ref, device=s.device)

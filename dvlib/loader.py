@@ -79,7 +79,7 @@ class ImageCache:
         data = torch.from_numpy(out)
         device = torch.device(device)
         if device.type == "cuda" and not _fits_on_gpu(data.numel(), device):
-            data = data.permute(0, 3, 1, 2).contiguous().pin_memory()
+            data = data.permute(0, 3, 1, 2).contiguous()  # batches() gathers each batch into pinned memory
         else:  # NHWC -> NCHW on the target device (fast on a GPU)
             data = data.to(device).permute(0, 3, 1, 2).contiguous()
         return cls(data, images)

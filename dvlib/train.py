@@ -95,12 +95,13 @@ class _EpochClock:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.marks: list = []
 
     def mark(self) -> None:
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))  # the device trained on, not the current one
             self.marks.append(ev)
         else:
             self.marks.append(time.perf_counter())
@@ -170,21 +171,23 @@ def fit(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torch.T
     return history
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, cache: ImageCache, rows: torch.Tensor, *, size: int, batch_size: int = 256,
             device: torch.device | str = "auto") -> np.ndarray:
     """Class probabilities [N, C] (centre crop, eval mode)."""
     device = resolve_device(device)
+    # outside inference mode: moving the model to a GPU makes new parameter tensors, which inference
+    # mode would mark as inference tensors (no later load_state_dict, training or BN recalibration)
     prepare(model, device)
     model.eval()
     outs = []
-    for x, _ in batches(cache, rows, None, batch_size, size, train=False, device=device,
-                        channels_last=device.type == "cuda"):
-        with _autocast(device):
-            outs.append(model(x).float())
-    if not outs:
-        return np.zeros((0, getattr(model, "num_classes", 0)), np.float32)
-    return torch.cat(outs).softmax(-1).cpu().numpy()
+    with torch.inference_mode():
+        for x, _ in batches(cache, rows, None, batch_size, size, train=False, device=device,
+                            channels_last=device.type == "cuda"):
+            with _autocast(device):
+                outs.append(model(x).float())
+        if not outs:
+            return np.zeros((0, getattr(model, "num_classes", 0)), np.float32)
+        return torch.cat(outs).softmax(-1).cpu().numpy()
 
 
 def _binary_auc(pos: np.ndarray, score: np.ndarray) -> float:

@@ -271,3 +271,27 @@ def test_fit_history_and_reproducibility():
     assert all(e["seconds"] > 0 and e["img_per_s"] > 0 and np.isfinite(e["loss"]) for e in h1)
     assert [e["loss"] for e in h1] == [e["loss"] for e in h2]
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_model_stays_trainable_after_predict_moves_it(monkeypatch):
+    """On a GPU, predict's prepare() makes new parameter tensors (model.to(cuda), channels_last).
+    Made inside inference mode they would be inference tensors: the reused evaluation model could not
+    load the next state dict, train or recalibrate. Here the move is imitated by a copy."""
+    from dvlib import bn
+    from dvlib.models import build
+
+    def moving_prepare(model, device):
+        model._apply(lambda t: t.clone())
+        return model
+
+    monkeypatch.setattr(train, "prepare", moving_prepare)
+    c = _cache(n=12, side=20)
+    m = build("smallcnn", 3, weights="random", seed=0)
+    other = build("smallcnn", 3, weights="random", seed=1).state_dict()
+    train.predict(m, c, torch.arange(12), size=16, batch_size=5, device="cpu")
+    assert not any(t.is_inference() for t in [*m.parameters(), *m.buffers()])
+    m.load_state_dict(other)  # what Session.model_from does next
+    assert torch.equal(m.state_dict()["head.weight"], other["head.weight"])
+    bn.recalibrate_bn(m, [x for x, _ in batches(c, torch.arange(12), None, 4, 16, train=False)])
+    train.fit(m, c, torch.arange(12), torch.arange(12) % 3, epochs=1, batch_size=4, lr=1e-3, size=16, seed=0,
+              device="cpu", progress=False)
