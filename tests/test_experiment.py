@@ -63,3 +63,29 @@ def test_a_failing_worker_names_the_model_and_device(tmp_path, pad_root, monkeyp
     victim.write_bytes(b"not an image")
     with pytest.raises(DvlibError, match=r"on cpu failed.*" + victim.stem):
         ex.step_finetune(run, progress=False, devices=["cpu", "cpu"])
+
+
+def test_whole_protocol_with_gpu_like_model_moves_and_bf16(tmp_path, pad_root, monkeypatch):
+    """What a GPU changes, imitated on the CPU: moving a model makes new parameter tensors (in
+    channels_last), and the forward pass runs under bf16 autocast. Every step must still work on the
+    models it reuses (a move inside inference mode once broke reloading them, on GPUs only)."""
+    from dvlib import restore, train
+
+    def moving_prepare(model, device):
+        model._apply(lambda t: t.clone())
+        return model.to(memory_format=torch.channels_last)
+
+    for mod in (train, restore, ex):
+        monkeypatch.setattr(mod, "prepare", moving_prepare)
+    monkeypatch.setattr(train, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    run = _run(tmp_path, "gpu-like", pad_root, monkeypatch)
+    ex.step_finetune(run, progress=False)
+    merged = ex.step_merge(run, methods=("params_mean", "data_vector"), lambdas=(0.5,), bn_policies=("mean",))
+    restored = ex.step_restore(run, methods=("pretrained", "data_vector"), modes=("none", "recalibrate",
+                                                                                  "finetune_epoch"))
+    ex.step_similarity(run)
+    assert len(merged) and len(restored)
+    assert restored[["accuracy", "balanced_accuracy"]].notna().all().all()
+    for seed in run.seeds:
+        assert ex.verify_merge(run, seed) < 1e-5
+        assert ex.verify_recalibration(run, seed) < 1e-4
