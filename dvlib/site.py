@@ -99,11 +99,17 @@ def _site_label(data: str, index, site: str | None) -> str:
 
 
 def open_site(data: str, *, seed: int = 0, test_frac: float = 0.2, site: str | None = None,
-              strict_classes: bool = True) -> SiteData:
+              strict_classes: bool = True, classes: Sequence[str] | None = None,
+              source: str = "--classes") -> SiteData:
     """Index the local data (a folder with one sub-folder per class, or a registered dataset name)
     and split it patient-disjointly into train/test (one hospital, ``seed``, ``test_frac``).
 
-    ``strict_classes``: every class must have training images (needed to fine-tune)."""
+    ``classes``: the class list the sites agreed on, in order (``source`` names where it came from, for
+    errors); the local classes must be among them, and a class without local images is allowed (its
+    output is still trained, on other classes' images only). Default: the local classes.
+    ``strict_classes`` (without ``classes``): every local class must have training images."""
+    from dataclasses import replace
+
     from dvlib.data import load_dataset
     from dvlib.split import make_split
 
@@ -113,6 +119,16 @@ def open_site(data: str, *, seed: int = 0, test_frac: float = 0.2, site: str | N
     index = load_dataset(data)
     if len(index) == 0:
         raise DvlibError(f"{data}: no images found")
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        if dup or len(classes) < 2:
+            raise DvlibError(f"{source}: needs at least 2 distinct classes, got {classes}")
+        extra = [c for c in index.classes if c not in classes]
+        if extra:
+            raise DvlibError(f"{data}: local classes {extra} are not among {source} {classes}")
+        index = replace(index, classes=classes)
+        strict_classes = False
     try:
         manifest = make_split(index, n_hospitals=1, test_frac=test_frac, seed=seed,
                               allow_missing_classes=not strict_classes)
@@ -131,8 +147,12 @@ def _check_out(out: str | os.PathLike, what: str) -> Path:
 # ------------------------------------------------------------------------------------ 1. finetune
 
 def finetune_site(data: str, out: str | os.PathLike, *, preset: str = "quick", site: str | None = None,
-                  device: str = "auto", progress: bool = False, **overrides) -> dict:
+                  device: str = "auto", progress: bool = False, classes: Sequence[str] | None = None,
+                  **overrides) -> dict:
     """Fine-tune on the local data and write the site's vector file; returns its metadata.
+
+    ``classes``: the class list every site agreed on (see :func:`open_site`), so that a site without
+    images of some class still produces a vector file that merges with the others.
 
     ``overrides``: preset fields (``arch``, ``weights``, ``head``, ``image_size``, ``epochs``,
     ``batch_size``, ``lr``, ``seed``, ``test_frac``, ``weight_decay``); ``None`` values are ignored.
@@ -145,14 +165,14 @@ def finetune_site(data: str, out: str | os.PathLike, *, preset: str = "quick", s
     out = _check_out(out, "the vector file")
     p = get_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
     dev = resolve_device(device)
-    sd = open_site(data, seed=p.seed, test_frac=p.test_frac, site=site)
+    sd = open_site(data, seed=p.seed, test_frac=p.test_frac, site=site, classes=classes)
     from dvlib.loader import ImageCache, cache_size_for
 
     cache = ImageCache.build(sd.index, sd.images("all"), cache_size_for(p.image_size), device=dev)
     train, test = sd.shard("train", p.image_size, dev, cache), sd.shard("test", p.image_size, dev, cache)
     model = models.build(p.arch, len(sd.classes), weights=p.weights, head=p.head, seed=p.seed)
     pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cw = class_weights(train.labels.numpy(), len(sd.classes))
+    cw = class_weights(train.labels.numpy(), len(sd.classes), allow_missing=classes is not None)
     history = fit(model, cache, train.rows, train.labels, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
                   size=p.image_size, seed=p.seed, device=dev, weight_decay=p.weight_decay, class_weight=cw,
                   progress=progress, desc=f"site {sd.label}")
@@ -337,9 +357,24 @@ def merge_sites(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
         "zero_variance_layers": sorted(k for k, v in merged.items() if k.endswith("running_var") and v.numel()
                                        and float(v.min()) == 0.0),
         "restore_visits": [],
+        "warnings": merge_warnings(vfs),
     }
     save_checkpoint(out, merged, meta)
     return meta
+
+
+def merge_warnings(vfs) -> list[str]:
+    """What differs between mergeable vector files without making the merge wrong, but that a reader
+    of the result should know: other dvlib versions, other training settings at different sites."""
+    out = []
+    versions = {vf.path.name: vf.meta.get("dvlib_version") for vf in vfs}
+    if len(set(versions.values())) > 1:
+        out.append("written by different dvlib versions: " + ", ".join(f"{f} {v}" for f, v in versions.items()))
+    for k in ("epochs", "lr", "batch_size", "weight_decay", "optimizer", "loss"):
+        vals = {vf.path.name: (vf.meta.get("hyperparameters") or {}).get(k) for vf in vfs}
+        if len({json.dumps(v) for v in vals.values()}) > 1:
+            out.append(f"sites trained with different {k}: " + ", ".join(f"{f} {v}" for f, v in vals.items()))
+    return out
 
 
 # ------------------------------------------------------------------------------------ models
@@ -389,14 +424,6 @@ def load_model(path: str | os.PathLike, weights: str | None = None) -> tuple[mod
                          f"{len(meta['classes'])} classes): {e}") from e
     model.eval()
     return model, meta
-
-
-def _check_classes(meta: dict, site: SiteData, model_path) -> None:
-    if list(meta["classes"]) != site.classes:
-        how = ("the same classes in a different order" if sorted(meta["classes"]) == sorted(site.classes)
-               else "different classes")
-        raise DvlibError(f"{site.label}: local class folders {site.classes} vs the model's {list(meta['classes'])} "
-                         f"in {model_path} ({how})")
 
 
 def _split_settings(meta: dict, seed: int | None, test_frac: float | None) -> tuple[int, float]:
@@ -454,8 +481,8 @@ def restore_site(model_path: str | os.PathLike, data: str, out: str | os.PathLik
         raise DvlibError(f"{model_path}: a site vector file; restore a merged checkpoint (`dvlib merge`)")
     visits = list(meta.get("restore_visits") or [])
     seed, frac = _split_settings(meta, split_seed, test_frac)
-    sd = open_site(data, seed=seed, test_frac=frac, site=site, strict_classes=False)
-    _check_classes(meta, sd, model_path)
+    sd = open_site(data, seed=seed, test_frac=frac, site=site, classes=meta["classes"],
+                   source=f"the classes of {model_path}")
     size = int(image_size or meta.get("image_size") or 0)
     if size <= 0:
         raise DvlibError(f"{model_path}: no image_size in its metadata; pass --image-size")
@@ -565,12 +592,11 @@ def evaluate_folders(model_path: str | os.PathLike, datas: Sequence[str], *, spl
     if size <= 0:
         raise DvlibError(f"{model_path}: no image_size in its metadata; pass --image-size")
     dev = resolve_device(device)
-    sites = [open_site(d, seed=seed, test_frac=frac, strict_classes=False) for d in datas]
+    sites = [open_site(d, seed=seed, test_frac=frac, classes=meta["classes"], source=f"the classes of {model_path}")
+             for d in datas]
     labels = [s.label for s in sites]
     if len(set(labels)) != len(labels):
         raise DvlibError(f"evaluate: data folders share a name {labels}; give folders with distinct names")
-    for s in sites:
-        _check_classes(meta, s, model_path)
     classes = list(meta["classes"])
     ys, ps, rows, results = [], [], [], []
     name = model_path.name

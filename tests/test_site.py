@@ -372,13 +372,13 @@ def test_empty_site_folder(work, flow, tmp_path, capsys):
 
 def test_restore_refuses_wrong_classes_and_double_visit(work, flow, tmp_path, capsys):
     other = tmp_path / "other_site"
-    for c in ("bar", "disc"):
+    for c in ("bar", "zebra"):  # a subset of the model's classes is fine; a class it lacks is not
         for i in range(3):
             (other / c).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (40, 40), (i * 40, 90, 90)).save(other / c / f"x{i}.png")
     out = tmp_path / "r.safetensors"
     _refused(capsys, ["site", "restore", str(work / "merged.safetensors"), "--data", str(other), "--out", str(out)],
-             out, "other_site", "classes")
+             out, "other_site", "['zebra'] are not among the classes of", "merged.safetensors")
     _refused(capsys, ["site", "restore", str(work / "merged.bn.safetensors"), "--data", str(work / "site_b"),
                       "--out", str(out)], out, "site_b", "already contributed")
 
@@ -408,3 +408,52 @@ def test_merge_accepts_zero_variance_but_not_negative(good, tmp_path, capsys):
     out2 = tmp_path / "arith.safetensors"
     _refused(capsys, ["merge", str(za), str(zb), "--bn-buffers", "arithmetic", "--lam", "-3", "--out", str(out2)],
              out2, "negative running_var", "--bn-buffers mean")
+
+
+def test_a_site_without_some_class_joins_with_the_agreed_class_list(work, flow, tmp_path, capsys):
+    """site_c has no 'disc' images: with --classes it still trains a head for every agreed class, its
+    file merges with the others, and restore and evaluate at site_c use the model's class list."""
+    import shutil
+
+    classes = sorted(p.name for p in (work / "site_a").iterdir() if p.is_dir())
+    assert "disc" in classes and len(classes) >= 3
+    site_c = tmp_path / "site_c"
+    shutil.copytree(work / "site_b", site_c)
+    shutil.rmtree(site_c / "disc")
+    vec = tmp_path / "site_c.dv.safetensors"
+    # without the agreed list, its classes differ from the others': the merge refuses, naming them
+    assert main(["site", "finetune", "--data", str(site_c), *FINETUNE, "--out", str(vec)]) == 0
+    merged = tmp_path / "merged.safetensors"
+    _refused(capsys, ["merge", str(work / "site_a.dv.safetensors"), str(vec), "--out", str(merged)], merged,
+             "classes")
+    assert main(["site", "finetune", "--data", str(site_c), *FINETUNE, "--classes", *classes, "--out", str(vec)]) == 0
+    meta = load_vector(vec).meta
+    assert meta["classes"] == classes and meta["train_class_counts"]["disc"] == 0
+    assert all(meta["train_class_counts"][c] > 0 for c in classes if c != "disc")
+    assert main(["merge", str(work / "site_a.dv.safetensors"), str(vec), "--out", str(merged)]) == 0
+    restored = tmp_path / "merged.c.safetensors"
+    assert main(["site", "restore", str(merged), "--data", str(site_c), "--out", str(restored)]) == 0
+    assert main(["evaluate", str(restored), "--data", str(site_c), "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev.eval.json").read_text())
+    assert ev["classes"] == classes
+    # a local class outside the agreed list is refused, naming it
+    _refused(capsys, ["site", "finetune", "--data", str(site_c), *FINETUNE, "--classes", *classes[:-1], "bogus",
+                      "--out", str(tmp_path / "x.dv.safetensors")], tmp_path / "x.dv.safetensors", classes[-1],
+             "not among --classes")
+    _refused(capsys, ["site", "finetune", "--data", str(site_c), *FINETUNE, "--classes", "a", "a",
+                      "--out", str(tmp_path / "y.dv.safetensors")], tmp_path / "y.dv.safetensors", "2 distinct")
+
+
+def test_merge_notes_other_versions_and_settings(good, tmp_path, capsys):
+    a, b = good
+    meta_b = load_vector(b).meta
+    b2 = _copy_vector(b, tmp_path / "site_b.dv.safetensors",
+                      meta={"dvlib_version": "0.0.9", "hyperparameters": {**meta_b["hyperparameters"], "lr": 0.5}})
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(a), str(b2), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    notes = load_checkpoint(out)[1]["warnings"]
+    assert len(notes) == 2 and all(f"note: {n}" in printed for n in notes)
+    assert "different dvlib versions" in notes[0] and "site_b.dv.safetensors 0.0.9" in notes[0]
+    assert "different lr" in notes[1] and "0.5" in notes[1]
+    assert load_checkpoint(good[0].parent / "merged.safetensors")[1]["warnings"] == []

@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, metavar="DIR_OR_DATASET", help=_DATA_HELP)
     p.add_argument("--out", required=True, help="vector file to write, e.g. site_a.dv.safetensors")
     p.add_argument("--site", help="site label recorded in the file (default: the data folder's name)")
+    p.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="the class list all sites agreed on, in order (default: this site's class folders); "
+                        "needed when a site has no images of some class, so that the vector files merge")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="settings preset (default: quick)")
     p.add_argument("--arch", help="efficientnet_lite0, resnet50 or smallcnn (default: the preset's)")
     p.add_argument("--weights", help="pretrained weights: imagenet, random or a path (default: the preset's); "
@@ -94,7 +97,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from dvlib.site import finetune_site, format_metrics
 
     meta = finetune_site(args.data, args.out, preset=args.preset, site=args.site, device=args.device,
-                         progress=args.progress, arch=args.arch, weights=args.weights, head=args.head,
+                         progress=args.progress, classes=args.classes, arch=args.arch, weights=args.weights, head=args.head,
                          image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, test_frac=args.test_frac)
     print(f"site {meta['site']}: {meta['sample_count']} training / {meta['test_count']} test images, "
@@ -112,6 +115,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     sites = ", ".join(f"{s['site']} ({s['sample_count']})" for s in meta["sources"])
     print(f"merged {len(meta['sources'])} sites [{sites}] with {meta['method']} (lam={meta['lam']}, "
           f"bn_buffers={meta['bn_buffers']}); pretrained sha256 {meta['pretrained_sha256'][:16]}...")
+    for w in meta["warnings"]:
+        print(f"  note: {w}")
     print(f"  wrote {args.out}; next: `dvlib site restore {args.out} --data DIR --out ...` at each site")
     return 0
 
