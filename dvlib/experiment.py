@@ -264,7 +264,9 @@ def step_split(run: Run) -> pd.DataFrame:
                 raise DvlibError(f"{path}: lists {len(unknown)} images the dataset no longer has, "
                                  f"e.g. {sorted(unknown)[0]!r}")
         else:
-            manifest = make_split(index, p.n_hospitals, p.scheme, p.alpha, p.test_frac, seed=seed)
+            # non-IID hospitals (dirichlet) may lack classes: that is the point; their weight is then 0
+            manifest = make_split(index, p.n_hospitals, p.scheme, p.alpha, p.test_frac, seed=seed,
+                                  allow_missing_classes=p.scheme == "dirichlet")
             save_manifest(manifest, path)
         tables.append(shard_table(manifest, index.classes).assign(seed=seed))
     table = pd.concat(tables, ignore_index=True)

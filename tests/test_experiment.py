@@ -89,3 +89,21 @@ def test_whole_protocol_with_gpu_like_model_moves_and_bf16(tmp_path, pad_root, m
     for seed in run.seeds:
         assert ex.verify_merge(run, seed) < 1e-5
         assert ex.verify_recalibration(run, seed) < 1e-4
+
+
+def test_dirichlet_hospitals_may_lack_classes_and_still_train(tmp_path, pad_root, monkeypatch):
+    monkeypatch.setenv("DVLIB_DATA", str(pad_root))
+    run = ex.create_run("noniid", "smoke", [0], root=tmp_path, device="cpu",
+                        **{**SMALL, "scheme": "dirichlet", "alpha": 0.1, "n_hospitals": 3, "epochs": 1})
+    shards = ex.step_split(run)
+    train = shards[shards.subset == "train"].set_index("hospital")[["ACK", "BCC", "MEL", "NEV", "SCC", "SEK"]]
+    assert (train == 0).any(axis=None), "alpha 0.1 should leave some hospital without some class"
+    assert ex.split_checks(run)[0]["every_class_in_every_train_split"] is False
+    assert ex.split_checks(run)[0]["patient_disjoint"] is True
+    table = ex.step_finetune(run, progress=False)
+    assert set(table["model"]) == {"hospital_0", "hospital_1", "hospital_2", "full"}
+    # make_split itself still refuses unless asked (as for iid runs, where a missing class is a mistake)
+    from dvlib.split import make_split
+
+    with pytest.raises(DvlibError, match="no training images of class"):
+        make_split(ex.dataset_index(run), 3, "dirichlet", 0.1, 0.2, seed=0)
