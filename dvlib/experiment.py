@@ -545,9 +545,12 @@ def step_similarity(run: Run) -> pd.DataFrame:
 # --- notebook glue and invariant checks ----------------------------------------------------------
 
 def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The folder holding pyproject.toml above ``start`` (default: cwd); cwd if none."""
+    """The dvlib project folder (pyproject.toml + dvlib/) at or above ``start`` (default: cwd); else
+    the one this dvlib was installed from (editable install), so `dvlib run` works from anywhere; else
+    ``start``."""
     here = Path(start or Path.cwd()).resolve()
-    for p in (here, *here.parents):
+    installed = Path(__file__).resolve().parents[1]
+    for p in (here, *here.parents, installed):
         if (p / "pyproject.toml").exists() and (p / "dvlib").is_dir():
             return p
     return here

@@ -7,6 +7,7 @@ the chain with its name and the failing cell.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -40,8 +41,6 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
     ``extra`` are preset overrides (fixed in the run's settings); ``notebook_params`` go to the
     notebooks whose parameters cell declares them (e.g. ``devices`` to 02, ``methods`` to 03).
     """
-    import papermill as pm
-
     from dvlib.experiment import project_root, setup_run
 
     root = project_root()
@@ -54,6 +53,10 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
         bad = [s for s in steps if s not in known]
         if bad:
             raise DvlibError(f"unknown steps {bad}; valid: {known}")
+    from dvlib.data.base import DATASETS
+
+    if dataset and dataset not in DATASETS and Path(dataset).is_dir():  # a folder: the kernels run in notebooks/
+        dataset = str(Path(dataset).resolve())
     # create (or check) the run first so that a settings clash stops before any notebook runs
     the_run = setup_run(run, preset, dataset, list(seeds), device, runs, **(extra or {}))
     params = {"run": run, "preset": preset, "dataset": dataset, "seeds": [int(s) for s in seeds],
@@ -65,6 +68,41 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
                          + "; ".join(f"{n}: {', '.join(sorted(set(d) - set(params)))}" for n, d in declared.items()
                                      if set(d) - set(params)))
     (reports / "logs").mkdir(parents=True, exist_ok=True)
+    with absolute_env_paths():
+        records = _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps, overwrite, html, log)
+    publish_results(the_run, reports / "results")
+    write_json(reports / "steps.json", records)
+    return records
+
+
+ENV_PATHS = ("DVLIB_DATA", "DVLIB_RUNS", "DVLIB_RESNET50")
+
+
+@contextlib.contextmanager
+def absolute_env_paths(names: Sequence[str] = ENV_PATHS):
+    """Relative paths in these variables (and the default data root) made absolute for the duration:
+    the kernels run in notebooks/, so ``DVLIB_DATA=../shared/datasets`` must mean what it meant where
+    the user typed it."""
+    from dvlib.data.base import data_root
+
+    old = {n: os.environ.get(n) for n in {*names, "DVLIB_DATA"}}
+    try:
+        for n, v in old.items():
+            if v and not os.path.isabs(v):
+                os.environ[n] = str(Path(v).resolve())
+        os.environ["DVLIB_DATA"] = str(data_root().resolve())  # also the default, data/raw, from here
+        yield
+    finally:
+        for n, v in old.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps, overwrite, html, log) -> list[dict]:
+    import papermill as pm
+
     records = []
     for name, outputs in STEPS:
         if steps and name not in steps:
@@ -92,8 +130,6 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
             to_html(out_nb)
         log(f"[done] {name} in {dt:.1f} s -> {out_nb}")
         records.append({"step": name, "status": "ran", "seconds": dt, "output": str(out_nb)})
-    publish_results(the_run, reports / "results")
-    write_json(reports / "steps.json", records)
     return records
 
 

@@ -129,3 +129,19 @@ def test_failing_notebook_names_itself_and_the_cell(tmp_path):
         run_chain("t-fail", "smoke", dataset="no_such_dataset_dir", seeds=[0], device="cpu",
                   runs_dir=str(tmp_path / "runs"), reports_dir=str(tmp_path / "reports"),
                   figures_dir=str(tmp_path / "figures"), log=lambda *_: None, html=False)
+
+
+def test_relative_data_paths_mean_what_they_mean_where_the_chain_starts(tmp_path, pad_root, monkeypatch):
+    """The kernels run in notebooks/: a relative DVLIB_DATA (or image folder) given from elsewhere
+    must still be found there, and the caller's environment is left as it was."""
+    import os
+
+    monkeypatch.chdir(pad_root.parent)
+    monkeypatch.setenv("DVLIB_DATA", pad_root.name)
+    records = run_chain("t-rel", "smoke", dataset="pad_ufes_20", seeds=[0], device="cpu", steps=["01_split_data"],
+                        runs_dir="runs", reports_dir="reports", figures_dir="figures", html=False,
+                        extra={"n_hospitals": 2}, log=lambda *_: None)
+    assert records[0]["status"] == "ran"
+    shards = pd.read_csv(pad_root.parent / "runs" / "t-rel" / "results" / "shards.csv")
+    assert shards["patients"].sum() == 36
+    assert os.environ["DVLIB_DATA"] == pad_root.name
