@@ -30,9 +30,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared
     try:
         yield tmp_path
+        # mkstemp makes 0600 files, and writers that recreate the file (safetensors) keep that;
+        # results are meant to be shared: the usual mode, as open() would have made it
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

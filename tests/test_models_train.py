@@ -178,3 +178,23 @@ def test_compile_mode_names(monkeypatch):
     monkeypatch.setenv("DVLIB_COMPILE", "fast")
     with pytest.raises(DvlibError, match=r"'fast' .*reduce-overhead"):
         compile_mode()
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps(tmp_path):
+    """Atomic writes go through a mkstemp file (mode 0600); the result must be readable by the group
+    and others as any file the user writes (safetensors recreates the file, so chmod comes last)."""
+    import os
+    import stat
+
+    from dvlib.io import write_csv, write_text
+
+    old = os.umask(0o022)
+    try:
+        paths = [save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(2)},
+                                 {"arch": "smallcnn", "classes": ["a", "b"], "pretrained_sha256": "0" * 64}),
+                 tmp_path / "c.json", write_text(tmp_path / "t.txt", "x")]
+        write_csv(tmp_path / "t.csv", __import__("pandas").DataFrame({"a": [1]}))
+        paths.append(tmp_path / "t.csv")
+    finally:
+        os.umask(old)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {p.name: "0o644" for p in paths}
