@@ -47,8 +47,8 @@ from dvlib import models  # noqa: E402
 from dvlib.data import load_dataset  # noqa: E402
 from dvlib.io import DvlibError, write_json  # noqa: E402
 from dvlib.loader import ImageCache, cache_size_for  # noqa: E402
-from dvlib.train import (COMPILE_MODES, _autocast, class_weights, compile_mode, fit, make_optimizer,  # noqa: E402
-                         prepare, resolve_device)
+from dvlib.train import (COMPILE_MODES, _autocast, class_weights, fit, make_optimizer, prepare,  # noqa: E402
+                         resolve_device, training_net)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -162,9 +162,7 @@ def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: in
     model = models.build(arch, num_classes, weights="random", seed=0)
     prepare(model, device)
     model.train()
-    mode = compile_mode(compile)
-    graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
-    net = torch.compile(model, mode=mode) if mode else model
+    net, graphs = training_net(model, compile, device)  # as fit sets it up
     opt = make_optimizer(model, lr=1e-5, device=device)
     crit = nn.CrossEntropyLoss(weight=torch.ones(num_classes, device=device))
     g = torch.Generator(device=device).manual_seed(0)

@@ -90,6 +90,15 @@ def compile_mode(value: bool | str | None = None) -> str | None:
     return v
 
 
+def training_net(model: nn.Module, compile: bool | str | None, device: torch.device) -> tuple[nn.Module, bool]:
+    """The module a training step calls (``model``, or ``torch.compile(model, mode=...)``, sharing its
+    parameters) and whether it replays CUDA graphs, in which case each step must first call
+    ``torch.compiler.cudagraph_mark_step_begin()``."""
+    mode = compile_mode(compile)
+    graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+    return (torch.compile(model, mode=mode) if mode else model), graphs
+
+
 class _EpochClock:
     """Epoch durations without host synchronisation: CUDA events on a GPU, perf_counter on a CPU."""
 
@@ -129,13 +138,11 @@ def fit(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torch.T
     device = resolve_device(device)
     if len(rows) == 0:
         raise DvlibError(f"{desc}: no training images")
-    mode = compile_mode(compile)
-    graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")  # CUDA graphs replayed
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     prepare(model, device)
     model.train()
-    net = torch.compile(model, mode=mode) if mode else model
+    net, graphs = training_net(model, compile, device)
     opt = make_optimizer(model, lr, weight_decay, device)
     crit = nn.CrossEntropyLoss(weight=None if class_weight is None else class_weight.to(device))
     totals, counts = [], []
