@@ -11,7 +11,7 @@ PRESET   ?= quick
 DATASET  ?= pad_ufes_20
 RUN      ?= $(PRESET)-$(DATASET)
 
-.PHONY: venv test report smoke notebooks bench clean
+.PHONY: venv test report smoke notebooks lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -37,10 +37,15 @@ bench: venv
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_merge.py
 
-# regenerate notebooks/ from tools/make_notebooks.py and store the smoke outputs nbval compares
+# regenerate notebooks/ from tools/make_notebooks.py (refuses if you edited one; FORCE=1 overrides) and store
+# the smoke outputs nbval compares; progress goes to /dev/null so the committed copies stay clean
 notebooks: venv
-	$(PY) tools/make_notebooks.py
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.record_timing=False notebooks/0*.ipynb
+	$(PY) tools/make_notebooks.py $(if $(FORCE),--force,)
+	DVLIB_PROGRESS_FILE=/dev/null $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.record_timing=False notebooks/0*.ipynb
+
+# the notebooks in JupyterLab, with the data and the project's kernel (progress as widget bars)
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf runs/smoke reports/smoke figures/smoke .pytest_cache

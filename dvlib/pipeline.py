@@ -1,6 +1,7 @@
 """``dvlib run``: execute the numbered notebooks with papermill, render them to HTML.
 
-Each notebook gets the same parameters (run, preset, dataset, seeds, device, runs_dir, figures_dir)
+Each notebook gets the same parameters (run, preset, dataset, seeds, train_seeds, device, runs_dir,
+figures_dir)
 and is written, executed, to ``reports/<run>/``; figures go to ``figures/<run>/``. A step whose
 executed notebook and result files exist is skipped unless ``overwrite``. A failing notebook stops
 the chain with its name and the failing cell.
@@ -27,21 +28,22 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def notebooks_dir() -> Path:
-    from dvlib.experiment import project_root
+    from dvlib.runs import project_root
 
     return project_root() / "notebooks"
 
 
 def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequence[int] = (0,),
-              device: str = "auto", runs_dir: str = "", reports_dir: str = "", figures_dir: str = "",
-              overwrite: bool = False, steps: Sequence[str] | None = None, html: bool = True,
-              extra: dict | None = None, notebook_params: dict | None = None, log=print) -> list[dict]:
+              train_seeds: Sequence[int] | None = None, device: str = "auto", runs_dir: str = "",
+              reports_dir: str = "", figures_dir: str = "", overwrite: bool = False,
+              steps: Sequence[str] | None = None, html: bool = True, extra: dict | None = None,
+              notebook_params: dict | None = None, log=print) -> list[dict]:
     """Execute the chain; returns one record per step (name, status, seconds, output).
 
     ``extra`` are preset overrides (fixed in the run's settings); ``notebook_params`` go to the
     notebooks whose parameters cell declares them (e.g. ``devices`` to 02, ``methods`` to 03).
     """
-    from dvlib.experiment import project_root, setup_run
+    from dvlib.runs import open_run, project_root
 
     root = project_root()
     nb_dir = notebooks_dir()
@@ -58,9 +60,11 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
     if dataset and dataset not in DATASETS and Path(dataset).is_dir():  # a folder: the kernels run in notebooks/
         dataset = str(Path(dataset).resolve())
     # create (or check) the run first so that a settings clash stops before any notebook runs
-    the_run = setup_run(run, preset, dataset, list(seeds), device, runs, **(extra or {}))
-    params = {"run": run, "preset": preset, "dataset": dataset, "seeds": [int(s) for s in seeds],
-              "device": device, "runs_dir": runs, "figures_dir": str(figures.resolve())}
+    the_run = open_run(run, preset, seeds=seeds, train_seeds=train_seeds, root=runs, device=device,
+                       dataset=dataset, **(extra or {}))
+    params = {"run": run, "preset": preset, "dataset": dataset, "seeds": the_run.split_seeds,
+              "train_seeds": the_run.train_seeds, "device": device, "runs_dir": runs,
+              "figures_dir": str(figures.resolve())}
     declared = {name: notebook_parameters(nb_dir / f"{name}.ipynb") for name, _ in STEPS}
     unknown = sorted(set(notebook_params or {}) - set().union(*declared.values()))
     if unknown:
@@ -116,12 +120,9 @@ def _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps,
         log(f"[run ] {name} ...")
         t0 = time.perf_counter()
         logfile = reports / "logs" / f"{name}.log"
+        step_params = {**params, **{k: v for k, v in (notebook_params or {}).items() if k in declared[name]}}
         try:
-            with open(logfile, "w") as lf:
-                step_params = {**params, **{k: v for k, v in (notebook_params or {}).items() if k in declared[name]}}
-                pm.execute_notebook(str(nb_dir / f"{name}.ipynb"), str(out_nb), parameters=step_params,
-                                    cwd=str(nb_dir), kernel_name="python3", progress_bar=False,
-                                    log_output=True, stdout_file=lf, stderr_file=lf)
+            _run_notebook(nb_dir / f"{name}.ipynb", out_nb, step_params, nb_dir, logfile, log)
         except pm.PapermillExecutionError as e:
             raise DvlibError(f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
                              f"{e.ename}: {e.evalue}. Executed notebook: {out_nb}; log: {logfile}") from None
@@ -131,6 +132,52 @@ def _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps,
         log(f"[done] {name} in {dt:.1f} s -> {out_nb}")
         records.append({"step": name, "status": "ran", "seconds": dt, "output": str(out_nb)})
     return records
+
+
+def _run_notebook(src: Path, out_nb: Path, parameters: dict, cwd: Path, logfile: Path, log) -> None:
+    """papermill in a thread; meanwhile the progress lines its kernel writes are shown as they come.
+    The kernel's own stderr (connection warnings) and the cells' output go to ``logfile``."""
+    import threading
+
+    import papermill as pm
+
+    from dvlib.progress import ENV
+
+    progress = logfile.with_suffix(".progress")
+    progress.write_text("")
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            with open(logfile, "w") as lf:
+                pm.execute_notebook(str(src), str(out_nb), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+                                    progress_bar=False, log_output=True, stdout_file=lf, stderr_file=lf)
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            failure.append(e)
+
+    old_env, saved_err = os.environ.get(ENV), os.dup(2)
+    os.environ[ENV] = str(progress)
+    with open(logfile.with_suffix(".kernel.log"), "w") as kernel_err:
+        os.dup2(kernel_err.fileno(), 2)  # the kernel process inherits it: its warnings stay out of the terminal
+        try:
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            with open(progress) as f:
+                while thread.is_alive() or f.tell() < progress.stat().st_size:
+                    line = f.readline()
+                    if line:
+                        log(f"       {line.rstrip()}")
+                    else:
+                        thread.join(0.5)
+        finally:
+            os.dup2(saved_err, 2)
+            os.close(saved_err)
+            if old_env is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = old_env
+    if failure:
+        raise failure[0]
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
@@ -145,9 +192,10 @@ def publish_results(run, dest: Path) -> Path:
     ``reporting``) can redraw every table and figure from the committed report alone."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted((run.dir / "results").glob("*")):
-        if f.suffix in (".csv", ".md", ".json"):
+        if f.suffix in (".csv", ".md", ".json", ".gz"):
             shutil.copyfile(f, dest / f.name)
-    write_json(dest / "run.json", {**run.config, "run": run.name})
+    write_json(dest / "run.json", {**run.settings, "run": run.name, "split_seeds": run.split_seeds,
+                                   "train_seeds": run.train_seeds})
     return dest
 
 

@@ -1,10 +1,12 @@
 """Simulated hospitals: patient-disjoint shards with their own train/test splits.
 
-``make_split`` assigns every patient to one of N hospitals (label-stratified and near-equal for
-``iid``; label-skewed with a Dirichlet(alpha) prior for ``dirichlet``), then splits every hospital
-into its own patient-disjoint train/test subsets (paper Tables 1-3 evaluate each "Part Index" on
-that hospital's data). The result is a manifest (image, patient, label, hospital, subset) that is
-written once per run and read by every later step.
+``make_split`` assigns every patient to one of N hospitals, numbered 1..N as the paper's "Part
+Index" (label-stratified and near-equal for ``iid``; label-skewed with a Dirichlet(alpha) prior for
+``dirichlet``), then splits every hospital into its own patient-disjoint train/test subsets (paper
+Tables 1-3 evaluate each Part Index on that hospital's data). A split that later steps could not use
+(an empty hospital, one without test images, or without some class unless that is allowed) is
+refused with the hospital and the seed named. The result is a manifest (image, patient, label,
+hospital, subset) that is written once per run and read by every later step.
 """
 from __future__ import annotations
 
@@ -43,13 +45,24 @@ def make_split(index: DatasetIndex, n_hospitals: int = 4, scheme: str = "iid", a
             raise DvlibError(f"dirichlet alpha must be > 0, got {alpha}")
         hospital = _dirichlet_groups(rec, n_hospitals, alpha, seed)
     manifest = pd.DataFrame({"image": rec["image"], "patient": rec["patient"], "label": rec["label"],
-                             "hospital": hospital.astype(int), "subset": "train"})
+                             "hospital": hospital.astype(int) + 1, "subset": "train"})
     n_folds = max(2, int(round(1.0 / test_frac)))
-    for h in range(n_hospitals):
+    for h in range(1, n_hospitals + 1):
         part = manifest[manifest["hospital"] == h]
-        test_mask = _stratified_groups(part, n_folds, seed + 1000 + h, pick=0)
-        manifest.loc[part.index[test_mask], "subset"] = "test"
-    validate_manifest(manifest, index.classes, allow_missing_classes=allow_missing_classes)
+        if len(part):
+            test_mask = _stratified_groups(part, n_folds, seed + 1000 + h - 1, pick=0)
+            manifest.loc[part.index[test_mask], "subset"] = "test"
+    for h in range(1, n_hospitals + 1):
+        part = manifest[manifest["hospital"] == h]
+        for subset in ("train", "test"):
+            if not (part["subset"] == subset).any():
+                raise DvlibError(f"split seed {seed} ({scheme}{f', alpha {alpha}' if scheme == 'dirichlet' else ''}) "
+                                 f"leaves hospital {h} with no {subset} images ({len(part)} images in all); "
+                                 "use another seed, fewer hospitals or a larger alpha")
+    try:
+        validate_manifest(manifest, index.classes, allow_missing_classes=allow_missing_classes)
+    except DvlibError as e:
+        raise DvlibError(f"split seed {seed}: {e}") from None
     return manifest.sort_values(["hospital", "subset", "image"], ignore_index=True)
 
 
@@ -135,9 +148,14 @@ def load_manifest(path: str | os.PathLike, classes: list[str] | None = None) -> 
     path = Path(path)
     if not path.exists():
         raise DvlibError(f"{path}: manifest not found; run the split step first (`dvlib split`)")
-    m = pd.read_csv(path, dtype={"image": str, "patient": str, "label": str, "subset": str})
+    from dvlib.io import read_csv
+
+    m = read_csv(path, dtype={"image": str, "patient": str, "label": str, "subset": str})
     if "hospital" in m.columns:
-        m["hospital"] = m["hospital"].astype(int)
+        try:
+            m["hospital"] = m["hospital"].astype(int)
+        except (TypeError, ValueError):
+            raise DvlibError(f"{path}: column 'hospital' must hold integers") from None
     validate_manifest(m, classes if classes is not None else sorted(set(m.get("label", []))),
                       allow_missing_classes=True, source=str(path))
     return m

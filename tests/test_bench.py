@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dvlib.train import compute_metrics
+from dvlib.metrics import compute_metrics
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 STEPS = ("split", "cache", "finetune", "merge", "restore", "similarity")

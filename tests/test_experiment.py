@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dvlib import experiment as ex
-from dvlib.checkpoint import load_checkpoint
+from dvlib.files import load_vector
 from dvlib.io import DvlibError
 
 SMALL = dict(dataset="pad_ufes_20", image_size=32, epochs=2, batch_size=8, n_hospitals=2, eval_batch_size=64)
@@ -28,7 +28,7 @@ def test_unusable_device_is_named(bad):
 
 def _run(root, name, pad_root, monkeypatch):
     monkeypatch.setenv("DVLIB_DATA", str(pad_root))
-    run = ex.create_run(name, "smoke", [0, 1], root=root, device="cpu", **SMALL)
+    run = ex.open_run(name, "smoke", seeds=[0, 1], root=root, device="cpu", **SMALL)
     ex.step_split(run)
     return run
 
@@ -38,18 +38,17 @@ def test_two_worker_processes_train_the_same_models(tmp_path, pad_root, monkeypa
     two = _run(tmp_path, "two", pad_root, monkeypatch)
     t1 = ex.step_finetune(one, progress=False)
     t2 = ex.step_finetune(two, progress=False, devices=["cpu", "cpu"])
-    assert len(t1) == len(t2) == 2 * 3 * 3  # seeds x models x (h0, h1, pooled)
-    for seed in (0, 1):
+    assert len(t1) == len(t2) == 2 * 3 * 3  # replicates x models x (hospital_1, hospital_2, pooled)
+    for s, tr in one.replicates:
         for t in ex.finetune_targets(one):
-            a, ma = load_checkpoint(one.ckpt(seed, t))
-            b, mb = load_checkpoint(two.ckpt(seed, t))
-            assert ma["train_images"] == mb["train_images"] > 0
-            assert a.keys() == b.keys()
-            for k in a:  # worker processes may use other thread counts: float sums in another order
-                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"seed {seed} {t} {k}")
-    # the two seeds trained different models (the comparison above is not vacuous)
-    a0, _ = load_checkpoint(one.ckpt(0, "full"))
-    a1, _ = load_checkpoint(one.ckpt(1, "full"))
+            a, b = load_vector(one.model_path(s, tr, t)), load_vector(two.model_path(s, tr, t))
+            assert a.sample_count == b.sample_count > 0
+            assert a.tau.tensors.keys() == b.tau.tensors.keys()
+            for k in a.tau.tensors:  # worker processes may use other thread counts: float sums in another order
+                torch.testing.assert_close(a.tau.tensors[k], b.tau.tensors[k], rtol=1e-4, atol=1e-5,
+                                           msg=f"split {s} {t} {k}")
+    # the two splits trained different models (the comparison above is not vacuous)
+    a0, a1 = (load_vector(one.model_path(s, 0, "full")).head for s in (0, 1))
     assert not torch.equal(a0["head.weight"], a1["head.weight"])
     # finished checkpoints are kept: a second call trains nothing (it would fail: images are gone)
     for img in (pad_root / "pad_ufes_20" / "images").rglob("*.*"):
@@ -69,39 +68,40 @@ def test_whole_protocol_with_gpu_like_model_moves_and_bf16(tmp_path, pad_root, m
     """What a GPU changes, imitated on the CPU: moving a model makes new parameter tensors (in
     channels_last), and the forward pass runs under bf16 autocast. Every step must still work on the
     models it reuses (a move inside inference mode once broke reloading them, on GPUs only)."""
-    from dvlib import restore, train
+    from dvlib import train
 
     def moving_prepare(model, device):
         model._apply(lambda t: t.clone())
         return model.to(memory_format=torch.channels_last)
 
-    for mod in (train, restore, ex):
-        monkeypatch.setattr(mod, "prepare", moving_prepare)
+    monkeypatch.setattr(train, "prepare", moving_prepare)  # restore and verify take train.prepare when called
     monkeypatch.setattr(train, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     run = _run(tmp_path, "gpu-like", pad_root, monkeypatch)
     ex.step_finetune(run, progress=False)
-    merged = ex.step_merge(run, methods=("params_mean", "data_vector"), lambdas=(0.5,), bn_policies=("mean",))
+    merged = ex.step_merge(run, methods=("params_mean", "data_vector"))
+    ex.step_lambda(run, (0.5,))
+    ex.step_bn_policy(run, ("mean",))
     restored = ex.step_restore(run, methods=("pretrained", "data_vector"), modes=("none", "recalibrate",
                                                                                   "finetune_epoch"))
     ex.step_similarity(run)
     assert len(merged) and len(restored)
     assert restored[["accuracy", "balanced_accuracy"]].notna().all().all()
-    for seed in run.seeds:
-        assert ex.verify_merge(run, seed) < 1e-5
-        assert ex.verify_recalibration(run, seed) < 1e-4
+    for s, t in run.replicates:
+        assert ex.verify_merge(run, s, t) < 1e-5
+        assert ex.verify_recalibration(run, s, t) < 1e-4
 
 
 def test_dirichlet_hospitals_may_lack_classes_and_still_train(tmp_path, pad_root, monkeypatch):
     monkeypatch.setenv("DVLIB_DATA", str(pad_root))
-    run = ex.create_run("noniid", "smoke", [0], root=tmp_path, device="cpu",
-                        **{**SMALL, "scheme": "dirichlet", "alpha": 0.1, "n_hospitals": 3, "epochs": 1})
+    run = ex.open_run("noniid", "smoke", seeds=[0], root=tmp_path, device="cpu",
+                      **{**SMALL, "scheme": "dirichlet", "alpha": 0.1, "n_hospitals": 3, "epochs": 1})
     shards = ex.step_split(run)
     train = shards[shards.subset == "train"].set_index("hospital")[["ACK", "BCC", "MEL", "NEV", "SCC", "SEK"]]
     assert (train == 0).any(axis=None), "alpha 0.1 should leave some hospital without some class"
     assert ex.split_checks(run)[0]["every_class_in_every_train_split"] is False
     assert ex.split_checks(run)[0]["patient_disjoint"] is True
     table = ex.step_finetune(run, progress=False)
-    assert set(table["model"]) == {"hospital_0", "hospital_1", "hospital_2", "full"}
+    assert set(table["model"]) == {"hospital_1", "hospital_2", "hospital_3", "full"}
     # make_split itself still refuses unless asked (as for iid runs, where a missing class is a mistake)
     from dvlib.split import make_split
 

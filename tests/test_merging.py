@@ -12,9 +12,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from dvlib import merge
+from dvlib.checks import negative_variance_keys
 from dvlib.io import DvlibError
-from dvlib.merging import BN_MODES, METHODS, merge, negative_variance_keys, random_vectors
-from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, key_kinds, keys_of, layer_norms
+from dvlib.methods import BN_MODES, METHODS, random_like
+from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, key_kinds, keys_of
+
+
+def layer_norms(sd: dict) -> dict:
+    return {k: float(torch.linalg.vector_norm(t, dtype=torch.float64)) for k, t in sd.items()}
+
+
+def random_vectors(pre, fts, kinds, seed):
+    """The documented recipe of random_vector: one CPU generator, model by model, key by key."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{k: random_like(ft[k] - pre[k], gen) for k in keys_of(kinds, PARAM)} for ft in fts]
 
 ATOL = 1e-6
 
@@ -195,15 +207,16 @@ def test_dare_formula(models):
     _, pre, fts = models
     p, lam, seed = 0.3, 0.5, 11
     out = merge(pre, fts, method="dare", lam=lam, seed=seed, p=p)
-    gen = torch.Generator().manual_seed(seed)  # documented recipe: key by key, then model by model
+    gen = torch.Generator().manual_seed(seed)  # documented recipe: model by model, then key by key
     kept = total = 0
-    for k in _params(pre):
-        acc = torch.zeros(pre[k].shape, dtype=torch.float64)
-        for ft in fts:
+    acc = {k: torch.zeros(pre[k].shape, dtype=torch.float64) for k in _params(pre)}
+    for ft in fts:
+        for k in _params(pre):
             keep = torch.rand(pre[k].shape, generator=gen, dtype=torch.float32) >= p
             kept, total = kept + int(keep.sum()), total + keep.numel()
-            acc += torch.where(keep, (ft[k] - pre[k]).double() / (1 - p), 0.0)
-        _close(out[k], pre[k].double() + lam * acc, k)
+            acc[k] += torch.where(keep, (ft[k] - pre[k]).double() / (1 - p), 0.0)
+    for k in _params(pre):
+        _close(out[k], pre[k].double() + lam * acc[k], k)
     assert abs(kept / total - (1 - p)) < 1e-3
 
 
@@ -255,7 +268,8 @@ def test_dare_hand_computed():
            {"w": torch.tensor([0.0, 3.0, 3.0, 5.0]), "v": torch.tensor([-2.0, 1.0, 1.0, 1.0, 0.5, -1.0])}]
     p, seed = 0.5, 3
     gen = torch.Generator().manual_seed(seed)
-    masks = {k: [torch.rand(pre[k].shape, generator=gen) >= p for _ in fts] for k in ("w", "v")}
+    draws = [{k: torch.rand(pre[k].shape, generator=gen) >= p for k in ("w", "v")} for _ in fts]  # model, then key
+    masks = {k: [d[k] for d in draws] for k in ("w", "v")}
     out = merge(pre, fts, method="dare", lam=0.5, seed=seed, p=p)
     # survivors doubled (1 / (1 - 0.5)), summed, halved (lam): pre + sum of surviving taus
     taus_w = [torch.tensor([1.0, 0.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 0.0, 1.0])]
@@ -366,6 +380,16 @@ def test_lam_must_be_finite(lam):
         merge(pre, fts, lam=lam)
 
 
+def test_lam_must_not_be_negative_and_the_output_must_be_finite():
+    pre, fts = _negative_case()
+    with pytest.raises(DvlibError, match=r"lam must be in \[0.0, inf\], got -1"):
+        merge(pre, fts, lam=-1)
+    with pytest.raises(DvlibError, match=r"(?s)the merged model is not finite.*'conv.weight' holds 4 Inf"):
+        merge(pre, [{**ft, "conv.weight": torch.full((2, 2), 3e38)} for ft in fts], lam=1.0)
+    with pytest.raises(DvlibError, match=r"'conv.weight' holds 4 Inf \(method data_vector, lam=1e\+308\)"):
+        merge(pre, fts, lam=1e308)
+
+
 def test_bad_inputs_named():
     pre, fts = _negative_case()
     with pytest.raises(DvlibError, match="at least 1"):
@@ -409,7 +433,7 @@ def _state_dicts(draw):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_state_dicts(), st.floats(-2, 2))
+@given(_state_dicts(), st.floats(0, 2))
 def test_property_identities(case, lam):
     pre, fts = case
     n = len(fts)

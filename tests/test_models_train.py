@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dvlib import models, train
-from dvlib.checkpoint import load_checkpoint, save_checkpoint
+from dvlib.files import load_model, save_model
+from dvlib.metrics import compute_metrics
 from dvlib.io import DvlibError
 
 
@@ -123,31 +124,34 @@ def test_class_weights_formula():
 def test_metrics_match_hand_computation():
     y = np.array([0, 0, 1, 1, 2, 2])
     probs = np.eye(3)[[0, 1, 1, 1, 2, 0]] * 0.9 + 0.1 / 3
-    m = train.compute_metrics(y, probs, ["a", "b", "c"])
+    m = compute_metrics(y, probs, ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     probs[0] = np.nan  # a collapsed model: counted, not crashing
-    assert train.compute_metrics(y, probs, ["a", "b", "c"])["nonfinite_outputs"] == 1
+    assert compute_metrics(y, probs, ["a", "b", "c"])["nonfinite_outputs"] == 1
 
 
-def test_checkpoint_round_trip_and_atomicity(tmp_path):
+MODEL_META = {"arch": "smallcnn", "head": "append", "weights": "random", "build_seed": 0, "image_size": 32}
+
+
+def test_model_file_round_trip_and_atomicity(tmp_path):
     net = models.build("smallcnn", 3, weights="random")
-    meta = {"arch": "smallcnn", "classes": ["a", "b", "c"], "pretrained_sha256": net.pretrained_sha256,
+    meta = {**MODEL_META, "classes": ["a", "b", "c"], "pretrained_sha256": net.pretrained_sha256,
             "metrics": {"accuracy": 0.5}}
-    path = save_checkpoint(tmp_path / "m.safetensors", net.state_dict(), meta)
-    sd, back = load_checkpoint(path)
-    assert all(torch.equal(sd[k], v) for k, v in net.state_dict().items())
-    assert back["classes"] == ["a", "b", "c"] and back["dvlib_version"]
+    path = save_model(tmp_path / "m.safetensors", net.state_dict(), meta)
+    mf = load_model(path)
+    assert all(torch.equal(mf.state[k], v) for k, v in net.state_dict().items())
+    assert mf.meta["classes"] == ["a", "b", "c"] and mf.meta["dvlib_version"]
     with pytest.raises(DvlibError, match="lacks"):
-        save_checkpoint(tmp_path / "bad.safetensors", net.state_dict(), {"arch": "smallcnn"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+        save_model(tmp_path / "bad.safetensors", net.state_dict(), {"arch": "smallcnn"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     (tmp_path / "t.safetensors").write_bytes(path.read_bytes()[:100])
-    with pytest.raises(DvlibError, match="t.safetensors: corrupt or truncated"):
-        load_checkpoint(tmp_path / "t.safetensors")
+    with pytest.raises(DvlibError, match="t.safetensors: truncated or corrupt"):
+        load_model(tmp_path / "t.safetensors")
     torch.save(net.state_dict(), tmp_path / "m.pt")
     with pytest.raises(DvlibError, match="pickle files are refused"):
-        load_checkpoint(tmp_path / "m.pt")
+        load_model(tmp_path / "m.pt")
 
 
 def test_cli_help_and_bad_names(capsys):
@@ -180,9 +184,10 @@ def test_compile_mode_names(monkeypatch):
         compile_mode()
 
 
-def test_written_files_get_the_usual_mode_not_mkstemps(tmp_path):
-    """Atomic writes go through a mkstemp file (mode 0600); the result must be readable by the group
-    and others as any file the user writes (safetensors recreates the file, so chmod comes last)."""
+def test_written_files_get_their_mode_not_mkstemps(tmp_path):
+    """Atomic writes go through a mkstemp file (mode 0600). Results (CSV, text) must be readable by the
+    group and others as any file the user writes (safetensors recreates the file, so chmod comes last);
+    model files stay 0600, as docs/multi-site.md says: they hold what was learnt from patients."""
     import os
     import stat
 
@@ -190,11 +195,10 @@ def test_written_files_get_the_usual_mode_not_mkstemps(tmp_path):
 
     old = os.umask(0o022)
     try:
-        paths = [save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(2)},
-                                 {"arch": "smallcnn", "classes": ["a", "b"], "pretrained_sha256": "0" * 64}),
-                 tmp_path / "c.json", write_text(tmp_path / "t.txt", "x")]
-        write_csv(tmp_path / "t.csv", __import__("pandas").DataFrame({"a": [1]}))
-        paths.append(tmp_path / "t.csv")
+        model = save_model(tmp_path / "c.safetensors", {"w": torch.zeros(2)},
+                           {**MODEL_META, "classes": ["a", "b"], "pretrained_sha256": "0" * 64})
+        paths = [write_text(tmp_path / "t.txt", "x"), write_csv(tmp_path / "t.csv", __import__("pandas").DataFrame({"a": [1]}))]
     finally:
         os.umask(old)
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {p.name: "0o644" for p in paths}
+    assert oct(stat.S_IMODE(model.stat().st_mode)) == "0o600"

@@ -11,16 +11,12 @@ from dvlib.io import DvlibError
 from dvlib.pipeline import STEPS, run_chain
 
 
+from tests.conftest import CHAIN_LAMBDAS as LAMBDAS
+
+
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    base = tmp_path_factory.mktemp("chain")
-    dirs = {"runs_dir": str(base / "runs"), "reports_dir": str(base / "reports"), "figures_dir": str(base / "figures")}
-    records = run_chain("t-smoke", "smoke", seeds=[0], device="cpu", log=lambda *_: None,
-                        notebook_params={"lambdas": LAMBDAS}, **dirs)
-    return base, records
-
-
-LAMBDAS = [0.0, 0.25, 0.5, 1.0]  # a notebook parameter (03) given to the chain instead of the default sweep
+def chain(smoke_chain):
+    return smoke_chain
 
 
 def test_every_notebook_runs_and_renders(chain):
@@ -45,7 +41,7 @@ def test_every_result_file_exists_and_parses(chain):
     ev = pd.read_csv(results / "restore_eval.csv")
     assert {"params_mean", "data_vector", "random_vector", "ties", "dare", "weighted", "pretrained"} <= set(ev["method"])
     assert {"none", "recalibrate", "finetune_epoch"} <= set(ev["restore"])
-    assert set(ev["eval_on"]) == {"h0", "h1", "h2", "h3", "pooled"}
+    assert set(ev["eval_on"]) == {"hospital_1", "hospital_2", "hospital_3", "hospital_4", "pooled"}
     assert ev[["accuracy", "balanced_accuracy"]].apply(lambda s: s.between(0, 1)).all().all()
     # the published copy beside the notebooks holds the same tables
     published = base / "reports" / "results"
@@ -88,6 +84,31 @@ def test_unknown_notebook_parameter_is_refused_before_any_notebook_runs(tmp_path
                   reports_dir=str(tmp_path / "reports"), figures_dir=str(tmp_path / "figures"),
                   notebook_params={"lamdbas": [0.5]}, log=lambda *_: None)
     assert not list((tmp_path / "reports").glob("*.ipynb"))
+
+
+# the figures each executed notebook must show, whatever the matplotlib backend (CI sets MPLBACKEND=Agg)
+FIGURES_SHOWN = {"01_split_data": 1, "02_finetune_hospitals": 1, "03_merge": 1, "05_layerwise_similarity": 1,
+                 "06_results": 2}
+
+
+def test_every_notebook_that_draws_shows_its_figures(chain):
+    base, _ = chain
+    for name, _ in STEPS:
+        nb = nbformat.read(str(base / "reports" / f"{name}.ipynb"), as_version=4)
+        shown = sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+        assert shown == FIGURES_SHOWN.get(name, 0), (name, shown)
+
+
+def test_reports_carry_no_progress_noise_or_warnings(chain):
+    base, _ = chain
+    for name, _ in STEPS:
+        nb = nbformat.read(str(base / "reports" / f"{name}.ipynb"), as_version=4)
+        stderr = [o["text"] for c in nb.cells for o in c.get("outputs", [])
+                  if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+        assert not stderr, (name, stderr[:2])
+        progress = (base / "reports" / "logs" / f"{name}.progress").read_text()
+        if name == "02_finetune_hospitals":  # the progress went to the terminal's feed instead
+            assert "hospital_1 (split 0, train 0): epoch 8/8" in progress and "ETA" in progress
 
 
 def test_figures_written(chain):

@@ -22,13 +22,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dvlib.bn import recalibrate_bn
-from dvlib.checkpoint import load_checkpoint
 from dvlib.cli import main
+from dvlib.files import load_model, load_vector, save_vector
 from dvlib.io import sha256_file
 from dvlib.loader import batches
+from dvlib.local import open_local
 from dvlib.models import build
-from dvlib.site import accumulate_bn, open_site
-from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, key_kinds, keys_of, load_vector, save_vector
+from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, key_kinds, keys_of
+
+
+def load_checkpoint(path):
+    mf = load_model(path)
+    return mf.state, mf.meta
 
 SIZE = 32
 SITES = ("site_a", "site_b")
@@ -58,7 +63,7 @@ def work(tmp_path_factory) -> Path:
     index = load_dataset("synthetic", n_patients=96, size=40)
     manifest = make_split(index, n_hospitals=2, seed=0)
     for h, part in manifest.groupby("hospital"):
-        site = root / SITES[h]
+        site = root / SITES[h - 1]
         for _, r in part.iterrows():
             path = site / r["label"] / f"{r['image']}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +120,7 @@ def test_site_vector_files(work, flow):
 
 def test_no_images_file_names_or_patient_ids_leave_the_site(work, flow):
     outputs = [work / f"{s}.dv.safetensors" for s in SITES]
-    outputs += [work / f for f in ("merged.safetensors", "merged.json", "merged.bn.safetensors", "merged.bn.json")]
+    outputs += [work / f for f in ("merged.safetensors", "merged.bn.safetensors")]
     secrets = set().union(*(_identifiers(work / s) for s in SITES))
     assert len(secrets) > 100
     for path in outputs:
@@ -157,7 +162,7 @@ def test_restore_bookkeeping(work, flow):
     counts = {s: load_vector(work / f"{s}.dv.safetensors").sample_count for s in SITES}
     assert [v["site"] for v in meta_a["restore_visits"]] == ["site_a"]
     visits = meta["restore_visits"]
-    assert [(v["site"], v["mode"], v["split"]) for v in visits] == [(s, "recalibrate", "train") for s in SITES]
+    assert [(v["site"], v["mode"], v["subset"]) for v in visits] == [(s, "recalibrate", "train") for s in SITES]
     assert [v["images"] for v in visits] == [counts[s] for s in SITES]
     assert [v["reset"] for v in visits] == [True, False]
     assert meta["bn_images"] == sum(counts.values()) and meta["kind"] == "restored"
@@ -170,7 +175,7 @@ def test_restore_visits_equal_one_pass_recalibration(work, flow):
     restored, _ = load_checkpoint(work / "merged.bn.safetensors")
     model = build("smallcnn", 4, weights="random")
     model.load_state_dict(merged)
-    shards = [open_site(str(work / s)).shard("train", SIZE, "cpu") for s in SITES]
+    shards = [open_local(str(work / s)).shard("train", SIZE, "cpu") for s in SITES]
     iters = [(x for x, _ in batches(sh.cache, sh.rows, None, 64, SIZE, train=False)) for sh in shards]
     seen = recalibrate_bn(model, iters)
     assert seen == [len(sh) for sh in shards]
@@ -184,12 +189,12 @@ def test_restore_visits_equal_one_pass_recalibration(work, flow):
             assert torch.equal(restored[k], merged[k]), k
 
 
-def test_accumulate_bn_reset_equals_recalibrate_bn():
+def test_accumulating_visits_equal_one_recalibration():
     torch.manual_seed(0)
     xs = [torch.rand(5, 3, 16, 16) for _ in range(4)]
     a, b = build("smallcnn", 3, weights="random"), build("smallcnn", 3, weights="random")
-    assert accumulate_bn(a, xs[:2], reset=True) == (10, 2)
-    assert accumulate_bn(a, xs[2:], reset=False) == (10, 2)
+    assert recalibrate_bn(a, [xs[:2]], reset=True) == [10]
+    assert recalibrate_bn(a, [xs[2:]], reset=False) == [10]
     recalibrate_bn(b, [xs[:2], xs[2:]])
     for k, v in b.state_dict().items():
         torch.testing.assert_close(a.state_dict()[k], v, atol=1e-6, rtol=1e-6)
@@ -199,7 +204,7 @@ def test_accumulate_bn_reset_equals_recalibrate_bn():
 def test_evaluate_outputs(work, flow):
     rec = json.loads((work / "eval" / "merged_bn.eval.json").read_text())
     table = pd.read_csv(work / "eval" / "merged_bn.eval.csv")
-    assert list(table["eval_on"]) == [*SITES, "pooled"] and set(table["split"]) == {"test"}
+    assert list(table["eval_on"]) == [*SITES, "pooled"] and set(table["subset"]) == {"test"}
     counts = {s: load_vector(work / f"{s}.dv.safetensors").meta["test_count"] for s in SITES}
     assert list(table["n"]) == [counts["site_a"], counts["site_b"], sum(counts.values())]
     assert [r["eval_on"] for r in rec["results"]] == [*SITES, "pooled"]
@@ -344,9 +349,11 @@ def test_merge_reports_every_problem_at_once(good, tmp_path, capsys):
     dropped = next(iter(vf.vector))
     short = tmp_path / "short.dv.safetensors"
     meta = {k: v for k, v in vf.meta.items() if k not in ("format_version", "dvlib_version")}
-    save_vector(short, {k: v for k, v in vf.vector.items() if k != dropped}, vf.head, vf.bn, meta)
+    tau = DataVector({k: v for k, v in vf.tau.tensors.items() if k != dropped},
+                     {k: v for k, v in vf.tau.kinds.items() if k != dropped})
+    save_vector(short, tau, meta)
     if short.read_bytes()[:1] == b"\x80":  # see test_header_length_is_not_taken_for_a_pickle
-        save_vector(short, {k: v for k, v in vf.vector.items() if k != dropped}, vf.head, vf.bn, {**meta, "pad": 1})
+        save_vector(short, tau, {**meta, "pad": 1})
     swapped = _copy_vector(b, tmp_path / "swapped.dv.safetensors", meta={"classes": vf.classes[::-1]})
     cut = tmp_path / "cut.dv.safetensors"
     cut.write_bytes(b.read_bytes()[:100])
@@ -384,10 +391,11 @@ def test_restore_refuses_wrong_classes_and_double_visit(work, flow, tmp_path, ca
 
 
 def test_header_length_is_not_taken_for_a_pickle(tmp_path):
-    vf_meta = {"arch": "smallcnn", "classes": ["a", "b"], "sample_count": 1, "pretrained_sha256": "ab" * 32}
-    vec = {"w": torch.zeros(2)}
+    vf_meta = {"arch": "smallcnn", "classes": ["a", "b"], "sample_count": 1, "pretrained_sha256": "ab" * 32,
+               "head": "append", "weights": "random", "build_seed": 0, "image_size": 8}
+    vec = DataVector({"w": torch.zeros(2)}, {"w": PARAM})
     for pad in range(300):
-        path = save_vector(tmp_path / "v.dv.safetensors", vec, {}, {}, {**vf_meta, "pad": "x" * pad})
+        path = save_vector(tmp_path / "v.dv.safetensors", vec, {**vf_meta, "pad": "x" * pad})
         if path.read_bytes()[:1] == b"\x80":
             break
     assert path.read_bytes()[:1] == b"\x80"
@@ -406,7 +414,7 @@ def test_merge_accepts_zero_variance_but_not_negative(good, tmp_path, capsys):
     sd, meta = load_checkpoint(out)
     assert float(sd[key].abs().max()) == 0 and meta["zero_variance_layers"] == [key]
     out2 = tmp_path / "arith.safetensors"
-    _refused(capsys, ["merge", str(za), str(zb), "--bn-buffers", "arithmetic", "--lam", "-3", "--out", str(out2)],
+    _refused(capsys, ["merge", str(za), str(zb), "--bn-buffers", "arithmetic", "--lam", "3", "--out", str(out2)],
              out2, "negative running_var", "--bn-buffers mean")
 
 

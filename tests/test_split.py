@@ -1,6 +1,8 @@
 """Hospital splits: patient-disjoint, stratified, near-equal, reproducible; manifests round-trip."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,7 +38,7 @@ def test_iid_split_properties(n_patients, n_hospitals, seed, mixed):
     # patient-disjoint across hospitals and across train/test
     spans = m.groupby("patient")[["hospital", "subset"]].nunique()
     assert (spans == 1).all().all()
-    assert set(m["hospital"]) == set(range(n_hospitals))
+    assert set(m["hospital"]) == set(range(1, n_hospitals + 1))  # numbered 1..N, the paper's Part Index
     # near-equal shards (in images; patients have 1-3 images each) and label-stratified
     size = m.groupby("hospital").size()
     assert size.max() - size.min() <= max(8, 0.25 * size.mean())
@@ -122,3 +124,26 @@ def test_shard_table_counts_everything():
     t = shard_table(m, CLASSES)
     assert t[CLASSES].to_numpy().sum() == len(m)
     assert t["patients"].sum() == m["patient"].nunique()
+
+
+@pytest.mark.parametrize("allow_missing, alpha", [(True, 0.1), (False, 1.0)])
+def test_unusable_splits_are_refused_naming_the_hospital_and_the_seed(allow_missing, alpha):
+    """Over many seeds at a small alpha: every split make_split returns can be used by every later step
+    (each hospital has training and test images, and every class unless missing ones are allowed);
+    every other split is refused, naming the hospital and the seed."""
+    index = fake_index(60, 3)
+    accepted = refused = 0
+    for seed in range(40):
+        try:
+            m = make_split(index, 3, scheme="dirichlet", alpha=alpha, seed=seed, allow_missing_classes=allow_missing)
+        except DvlibError as e:
+            refused += 1
+            assert f"split seed {seed}" in str(e) and re.search(r"hospital \d", str(e)), str(e)
+            continue
+        accepted += 1
+        for h in (1, 2, 3):
+            part = m[m["hospital"] == h]
+            assert (part["subset"] == "train").any() and (part["subset"] == "test").any(), (seed, h)
+            if not allow_missing:
+                assert set(part[part["subset"] == "train"]["label"]) == set(index.records["label"]), (seed, h)
+    assert accepted and refused  # both cases happen: the test is not vacuous

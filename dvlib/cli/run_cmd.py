@@ -15,7 +15,10 @@ def register(sub) -> None:
     p.add_argument("--run", help="run name (default: <preset>-<dataset>)")
     p.add_argument("--preset", default="quick", help="smoke, quick or paper (default: quick)")
     p.add_argument("--dataset", default="", help="dataset (default: the preset's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's seed)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="split seeds: which patients go to which "
+                                                                      "hospital (default 0)")
+    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                   help="training seeds per split (default: the preset's seed)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--runs-dir", default="", help="folder of run folders (default: runs/)")
     p.add_argument("--reports-dir", default="", help="executed notebooks (default: reports/<run>/)")
@@ -25,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--no-html", action="store_true", help="skip HTML rendering")
     add_override_args(p)
     n = p.add_argument_group("notebook parameters (each goes to the notebooks that declare it; default: theirs)")
-    n.add_argument("--hospitals", nargs="+", metavar="H", help="02: targets to train, e.g. 0 1 full")
+    n.add_argument("--hospitals", nargs="+", metavar="H", help="02: targets to train, e.g. 1 2 full")
     n.add_argument("--devices", nargs="+", metavar="DEVICE",
                    help="02: fine-tune in parallel, one process per device, e.g. cuda:0 cuda:1 (default: every "
                         "visible GPU when --device is auto and there are several)")
@@ -47,11 +50,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     p = get_preset(args.preset)
     dataset = args.dataset or ""
-    seeds = args.seeds if args.seeds else [p.seed]
+    seeds = args.seeds if args.seeds else [0]
     name = args.run or f"{args.preset}-{(dataset or p.dataset).replace('/', '_')}"
     extra = {k: getattr(args, k) for k in OVERRIDES if k != "dataset" and getattr(args, k, None) is not None}
     nb_params = {k: getattr(args, k) for k in NOTEBOOK_PARAMS if getattr(args, k) is not None}
-    run_chain(name, args.preset, dataset, seeds, args.device, args.runs_dir, args.reports_dir, args.figures_dir,
-              overwrite=args.overwrite, steps=args.steps, html=not args.no_html, extra=extra,
+    run_chain(name, args.preset, dataset, seeds, args.train_seeds, args.device, args.runs_dir, args.reports_dir,
+              args.figures_dir, overwrite=args.overwrite, steps=args.steps, html=not args.no_html, extra=extra,
               notebook_params=nb_params)
     return 0

@@ -1,117 +1,154 @@
-"""``dvlib site finetune|restore`` (run at a hospital) and ``dvlib merge`` (run by the coordinator).
+"""``dvlib site finetune|restore`` (at a hospital), ``dvlib merge`` (the coordinator), ``dvlib inspect``.
 
-Thin wrappers over :mod:`dvlib.site`; see ``docs/multi-site.md`` for the workflow.
+Thin wrappers over :mod:`dvlib.site` and :mod:`dvlib.coordinator`; see ``docs/multi-site.md``. The
+choices come from the registries (:mod:`dvlib.methods`, :mod:`dvlib.restore`), which import no torch.
 """
 from __future__ import annotations
 
 import argparse
+import json
 
+from dvlib import methods, restore
 from dvlib.presets import PRESETS
 
-# kept here (not imported) so that building the parser does not import torch; the library checks them
-RESTORE_MODES = ("recalibrate", "finetune_epoch")
-MERGE_METHODS = ("data_vector", "params_mean", "random_vector", "ties", "dare", "weighted")
-BN_MODES = ("mean", "pretrained", "arithmetic")
 _DATA_HELP = ("local images: a folder with one sub-folder per class (optional patients.csv mapping file "
               "stems to patient ids), or a registered dataset name")
 
 
+def add_local_args(p: argparse.ArgumentParser, split_default: str = "recorded") -> None:
+    """Where the site's images are and how they are split into train and test."""
+    p.add_argument("--data", required=True, metavar="DIR_OR_DATASET", help=_DATA_HELP)
+    p.add_argument("--site", help="site label recorded in the files (default: the data folder's name)")
+    g = p.add_argument_group("local split (the same at every command of a site)")
+    g.add_argument("--manifest", metavar="CSV", help="a saved split (columns image, patient, label, hospital, "
+                                                     "subset), e.g. written by --save-split; reused as it is")
+    g.add_argument("--hospital", type=int, help="with --manifest: the hospital whose rows are this site's")
+    g.add_argument("--split-seed", type=int, help=f"seed of the patient-disjoint train/test split (default: {split_default})")
+    g.add_argument("--test-frac", type=float, help=f"fraction of patients held out for testing (default: {split_default})")
+
+
 def register(sub) -> None:
-    site = sub.add_parser("site", help="hospital side of the multi-site workflow: fine-tune and export a "
-                                       "data-vector file; restore a merged model's BatchNorm statistics",
+    site = sub.add_parser("site", help="hospital side: fine-tune and export a data-vector file; restore a merged model",
                           description="Commands a hospital runs on its own data. Nothing leaves the hospital "
                                       "except the files these commands write (see docs/multi-site.md).")
     ssub = site.add_subparsers(dest="site_command", metavar="{finetune,restore}")
     ssub.required = True
 
     p = ssub.add_parser("finetune", help="fine-tune on local data and write the site's data-vector file",
-                        description="Fine-tune the shared pretrained network on the local images (a patient-"
-                                    "disjoint train/test split of them) and write a .safetensors vector file "
-                                    "holding only the data vector, the new head, BatchNorm statistics and "
-                                    "metadata (no images, no file names, no patient ids).")
-    p.add_argument("--data", required=True, metavar="DIR_OR_DATASET", help=_DATA_HELP)
+                        description="Fine-tune the shared pretrained network on the local training images and "
+                                    "write a .safetensors vector file holding only the data vector, the new head, "
+                                    "BatchNorm statistics and metadata (no images, no file names, no patient ids).")
+    add_local_args(p, split_default="0 and 0.2")
     p.add_argument("--out", required=True, help="vector file to write, e.g. site_a.dv.safetensors")
-    p.add_argument("--site", help="site label recorded in the file (default: the data folder's name)")
+    p.add_argument("--save-split", metavar="CSV", help="also write the local split here (it names images: keep it "
+                                                       "at the hospital); reuse it with --manifest")
     p.add_argument("--classes", nargs="+", metavar="CLASS",
                    help="the class list all sites agreed on, in order (default: this site's class folders); "
                         "needed when a site has no images of some class, so that the vector files merge")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="settings preset (default: quick)")
     p.add_argument("--arch", help="efficientnet_lite0, resnet50 or smallcnn (default: the preset's)")
-    p.add_argument("--weights", help="pretrained weights: imagenet, random or a path (default: the preset's); "
-                                     "every site must use the same")
+    p.add_argument("--weights", help="pretrained weights: imagenet, random or a path; every site the same")
     p.add_argument("--head", choices=["append", "replace"], help="head mode (default: the preset's)")
     p.add_argument("--image-size", type=int, help="crop size in pixels")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs")
     p.add_argument("--batch-size", type=int, help="batch size")
     p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--seed", type=int, help="seed of the local split, model build and training (default: the "
-                                            "preset's)")
-    p.add_argument("--test-frac", type=float, help="fraction of local patients held out for testing (default 0.2)")
+    p.add_argument("--seed", type=int, help="training seed: shuffling, augmentation (default: the preset's)")
+    p.add_argument("--head-seed", type=int, default=0, help="seed of the new head, the same at every site (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=cmd_finetune)
 
-    p = ssub.add_parser("restore", help="one restore visit: accumulate the merged model's BatchNorm statistics "
-                                        "over the local images (or one labelled epoch)",
-                        description="Run at each hospital in turn. recalibrate (label-free): the first visit "
-                                    "resets the BatchNorm statistics, later visits continue the cumulative "
-                                    "average, so the result equals recalibrating over all visited sites' images "
-                                    "at once. The output records every visit (site, images).")
-    p.add_argument("model", help="merged (or already restored) checkpoint, .safetensors")
-    p.add_argument("--data", required=True, metavar="DIR_OR_DATASET", help=_DATA_HELP)
-    p.add_argument("--out", required=True, help="checkpoint to write, e.g. merged.bn.safetensors")
-    p.add_argument("--mode", default="recalibrate", choices=RESTORE_MODES,
-                   help="recalibrate (images only, default) or finetune_epoch (one epoch with labels)")
-    p.add_argument("--site", help="site label recorded in the visit (default: the data folder's name)")
-    p.add_argument("--split", default="train", choices=["train", "all"],
-                   help="local images used: the site's train split (default; keeps the local test split "
-                        "unseen) or all")
-    p.add_argument("--split-seed", type=int, help="seed of the local split (default: the sites' recorded one)")
-    p.add_argument("--test-frac", type=float, help="test fraction of the local split (default: the recorded one)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--image-size", type=int, help="crop size (default: the model's recorded one)")
-    p.add_argument("--lr", type=float, help="learning rate for finetune_epoch (default: the sites')")
+    p = ssub.add_parser("restore", help="one restore visit at this site (BatchNorm statistics, or one epoch)",
+                        description="Run at each hospital in turn. recalibrate (label-free): the first visit resets "
+                                    "the BatchNorm statistics, later visits continue the cumulative average, so the "
+                                    "result equals recalibrating over all visited sites' images at once. The output "
+                                    "records every visit (site, images).")
+    p.add_argument("model", help="merged (or already restored) model file, .safetensors")
+    add_local_args(p)
+    p.add_argument("--out", required=True, help="model file to write, e.g. merged.bn.safetensors")
+    p.add_argument("--mode", default="recalibrate", choices=restore.VISITS,
+                   help="; ".join(f"{m}: {restore.MODES[m].description}" for m in restore.VISITS))
+    p.add_argument("--subset", default="train", choices=["train", "all"],
+                   help="local images used: the train split (default; keeps the local test split unseen) or all")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default: {restore.BN_BATCH} to recalibrate, the "
+                                                  "sites' training batch size for an epoch)")
+    p.add_argument("--image-size", type=int, help="crop size (default: the model's)")
+    p.add_argument("--lr", type=float, help="learning rate of finetune_epoch (default: the sites')")
+    p.add_argument("--seed", type=int, default=0, help="seed of finetune_epoch's shuffling (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--allow-revisit", action="store_true",
                    help="let a site label contribute twice to the same BatchNorm statistics")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("merge", help="coordinator: merge site data-vector files into one model checkpoint",
+    p = sub.add_parser("merge", help="coordinator: merge site data-vector files into one model file",
                        description="Check that the vector files can be merged (every problem reported at once), "
-                                   "rebuild the pretrained weights from their metadata (refused unless the "
-                                   "sha256 matches), merge and write a checkpoint (+ .json sidecar).")
+                                   "rebuild the pretrained weights (refused unless their sha256 matches the sites'), "
+                                   "merge, check the result is finite, and write one model file.")
     p.add_argument("files", nargs="+", metavar="FILE", help="site vector files (.safetensors), at least 2")
-    p.add_argument("--out", required=True, help="checkpoint to write, e.g. merged.safetensors")
-    p.add_argument("--method", default="data_vector", choices=MERGE_METHODS,
-                   help="merge method (default: data_vector = theta_pre + lam * sum(tau_i))")
-    p.add_argument("--lam", type=float, default=0.5, help="scaling lambda (default 0.5)")
-    p.add_argument("--bn-buffers", default="mean", choices=BN_MODES,
-                   help="BatchNorm buffers of the merged model before restore (default: mean)")
-    p.add_argument("--weights", help="pretrained weights (imagenet, random or a path) instead of the spec "
-                                     "recorded in the files; must match their sha256")
+    p.add_argument("--out", required=True, help="model file to write, e.g. merged.safetensors")
+    p.add_argument("--method", default="data_vector", choices=list(methods.METHODS),
+                   help="; ".join(f"{m.name}: {m.formula}" for m in methods.METHODS.values()))
+    p.add_argument("--lam", type=float, help="lambda, >= 0 (default: the method's; "
+                   + ", ".join(f"{m.name} {m.lam:g}" for m in methods.METHODS.values() if m.lam is not None) + ")")
+    p.add_argument("--bn-buffers", default="mean", choices=methods.BN_MODES,
+                   help="BatchNorm statistics of the merged model before restore (default: mean)")
+    p.add_argument("--weights", help="the pretrained weights (imagenet, random or a path) instead of those named "
+                                     "in the files; must match their sha256")
+    p.add_argument("--weights-dir", action="append", default=[], metavar="DIR",
+                   help="a folder to look in for the weights file the sites name (never a path from a file)")
     p.add_argument("--seed", type=int, default=0, help="seed of random methods (random_vector, dare)")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("inspect", help="print the metadata a model or vector file carries",
+                       description="Print the metadata JSON stored in a dvlib .safetensors file's header (after "
+                                   "the same checks every command applies), and its tensors' count.")
+    p.add_argument("file", help="a .safetensors file written by dvlib")
+    p.set_defaults(func=cmd_inspect)
+
+
+def open_local_from(args, classes=None, meta: dict | None = None, source: str = "--classes"):
+    """The site's images as the flags say; the split defaults to what ``meta`` records."""
+    from dvlib.checks import finite_number
+    from dvlib.local import open_local
+
+    rec = (meta or {}).get("split") or {}
+    seed = args.split_seed if args.split_seed is not None else int(rec.get("seed", 0) or 0)
+    frac = args.test_frac if args.test_frac is not None else float(rec.get("test_frac", 0.2) or 0.2)
+    finite_number(frac, "--test-frac", low=0.0, high=1.0)
+    return open_local(args.data, split_seed=seed, test_frac=frac, classes=classes, manifest=args.manifest,
+                      hospital=args.hospital, site=args.site, source=source)
+
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from dvlib import stages
+    from dvlib.files import save_vector
+    from dvlib.presets import get_preset
     from dvlib.site import finetune_site, format_metrics
+    from dvlib.split import save_manifest
 
-    meta = finetune_site(args.data, args.out, preset=args.preset, site=args.site, device=args.device,
-                         progress=args.progress, classes=args.classes, arch=args.arch, weights=args.weights, head=args.head,
-                         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, test_frac=args.test_frac)
-    print(f"site {meta['site']}: {meta['sample_count']} training / {meta['test_count']} test images, "
-          f"{meta['arch']} ({meta['weights']}, head {meta['head']}), {meta['hyperparameters']['epochs']} epochs")
+    over = {k: getattr(args, k) for k in ("arch", "weights", "head", "image_size", "epochs", "batch_size", "lr")}
+    p = get_preset(args.preset, **over)
+    local = open_local_from(args, classes=args.classes)
+    seed = args.seed if args.seed is not None else p.seed
+    tau, meta = finetune_site(local, stages.TrainSettings.from_preset(p), seed=seed, build_seed=args.head_seed,
+                              device=args.device, progress=args.progress, preset=args.preset)
+    save_vector(args.out, tau, meta)
+    if args.save_split:
+        save_manifest(local.manifest, args.save_split)
+    print(f"site {meta['site']}: {meta['sample_count']} training / {meta['test_count']} test images "
+          f"(split: {json.dumps(local.split)}), {meta['arch']} ({meta['weights']}, head {meta['head']}), "
+          f"{meta['hyperparameters']['epochs']} epochs")
     print(f"  local test: {format_metrics(meta['metrics'])}")
-    print(f"  wrote {args.out}")
+    print(f"  wrote {args.out}" + (f"; the local split in {args.save_split} (keep it here)" if args.save_split else ""))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from dvlib.site import merge_sites
+    from dvlib.coordinator import merge_files
 
-    meta = merge_sites(args.files, args.out, method=args.method, lam=args.lam, bn_buffers=args.bn_buffers,
-                       weights=args.weights, seed=args.seed)
+    meta = merge_files(args.files, args.out, method=args.method, lam=args.lam, bn_buffers=args.bn_buffers,
+                       weights=args.weights, weights_dirs=args.weights_dir, seed=args.seed)
     sites = ", ".join(f"{s['site']} ({s['sample_count']})" for s in meta["sources"])
     print(f"merged {len(meta['sources'])} sites [{sites}] with {meta['method']} (lam={meta['lam']}, "
           f"bn_buffers={meta['bn_buffers']}); pretrained sha256 {meta['pretrained_sha256'][:16]}...")
@@ -122,16 +159,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from dvlib.coordinator import open_model
     from dvlib.site import restore_site
 
-    meta = restore_site(args.model, args.data, args.out, mode=args.mode, site=args.site, split=args.split,
-                        split_seed=args.split_seed, test_frac=args.test_frac, batch_size=args.batch_size,
-                        image_size=args.image_size, lr=args.lr, device=args.device,
-                        allow_revisit=args.allow_revisit)
-    v = meta["restore_visits"][-1]
-    done = ", ".join(f"{x['site']}:{x['mode']}({x['images']})" for x in meta["restore_visits"])
-    print(f"site {v['site']}: {v['mode']} on {v['images']} {v['split']} images"
+    model, meta = open_model(args.model)
+    local = open_local_from(args, classes=meta["classes"], meta=meta, source=f"the classes of {args.model}")
+    new = restore_site(args.model, local, args.out, mode=args.mode, seed=args.seed, subset=args.subset,
+                       batch_size=args.batch_size, image_size=args.image_size, lr=args.lr, device=args.device,
+                       allow_revisit=args.allow_revisit, model=model, meta=meta)
+    v = new["restore_visits"][-1]
+    done = ", ".join(f"{x['site']}:{x['mode']}({x['images']})" for x in new["restore_visits"])
+    print(f"site {v['site']}: {v['mode']} on {v['images']} {v['subset']} images"
           + (" (statistics reset first)" if v.get("reset") else ""))
-    print(f"  visits so far: {done}; BatchNorm statistics over {meta['bn_images']} images")
+    print(f"  visits so far: {done}; BatchNorm statistics over {new['bn_images']} images")
     print(f"  wrote {args.out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dvlib.files import read
+
+    meta, tensors = read(args.file)
+    print(json.dumps({**meta, "tensors": len(tensors)}, indent=2))
     return 0

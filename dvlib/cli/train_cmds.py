@@ -1,11 +1,11 @@
-"""``dvlib split``, ``dvlib finetune``, ``dvlib evaluate``."""
+"""``dvlib split``, ``dvlib finetune`` (simulated hospitals of a run) and ``dvlib evaluate``."""
 from __future__ import annotations
 
 import argparse
 
 import pandas as pd
 
-from dvlib.cli.common import add_run_args, open_or_create
+from dvlib.cli.common import add_run_args, open_from_args
 
 
 def register(sub) -> None:
@@ -17,36 +17,37 @@ def register(sub) -> None:
                    help="fail if metadata rows lack images or images lack metadata rows (default: count them)")
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("finetune", help="fine-tune each hospital's model (and Full Training)",
-                       description="Fine-tune the pretrained network on one hospital's training split (or all "
-                                   "of them, or the pooled data) and print its test metrics.")
+    p = sub.add_parser("finetune", help="fine-tune each simulated hospital's model (and Full Training)",
+                       description="Run `dvlib site finetune` for one simulated hospital of a run (or all of them, "
+                                   "or the pooled data) and print its test metrics.")
     add_run_args(p)
     p.add_argument("--hospitals", "--hospital", nargs="+", default=None,
-                   help="hospital indices and/or 'full' (default: every hospital and full)")
+                   help="hospitals 1..N and/or 'full' (default: every hospital and full)")
     p.add_argument("--devices", nargs="+", metavar="DEVICE",
                    help="train the models in parallel, one process per device, e.g. cuda:0 cuda:1 (default: "
                         "every visible GPU when --device is auto and there are several, else --device)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a run's test splits, or on data folders",
-                       description="Evaluate a .safetensors checkpoint on every hospital's test split and on "
-                                   "all test images of the run; write metrics as CSV and JSON. With --data: "
-                                   "evaluate a checkpoint (or a site vector file) on one or more local data "
-                                   "folders (and pooled) and also write a confusion-matrix PNG.")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint with its .json sidecar (with --data also a "
-                                      "site vector file)")
-    add_run_args(p)
-    p.add_argument("--out", help="output prefix for <out>.eval.csv / <out>.eval.json (and <out>.confusion.png "
-                                 "with --data) (default: next to the checkpoint)")
-    d = p.add_argument_group("data folders (instead of a run)")
-    d.add_argument("--data", nargs="+", metavar="DIR_OR_DATASET",
-                   help="evaluate on these folders (one sub-folder per class) or dataset names, each and pooled")
-    d.add_argument("--split", default="all", choices=["all", "test", "train"],
-                   help="with --data: all images (default), or each folder's own patient-disjoint test/train "
-                        "split as `dvlib site finetune` made it")
-    d.add_argument("--split-seed", type=int, help="with --data: seed of that split (default: the one recorded "
-                                                  "in the model's metadata, else 0); --test-frac likewise")
+    p = sub.add_parser("evaluate", help="evaluate a model file on local data folders (or on a run's test splits)",
+                       description="Evaluate a model file (or a site vector file) on one or more local data folders "
+                                   "(each, and pooled): metrics as CSV and JSON and a confusion-matrix PNG.")
+    p.add_argument("model", help="a .safetensors model or vector file written by dvlib")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", metavar="DIR_OR_DATASET", help="evaluate on these folders or dataset names")
+    d.add_argument("--subset", "--split", dest="subset", default="all", choices=["all", "test", "train"],
+                   help="all images (default), or each folder's own test/train split as the site made it")
+    d.add_argument("--manifest", metavar="CSV", help="a saved split to use instead of making one (one --data)")
+    d.add_argument("--hospital", type=int, nargs="+", help="with --manifest: the hospital(s) whose rows to use, each "
+                                                          "evaluated, and pooled")
+    d.add_argument("--split-seed", type=int, help="seed of the local split (default: the model's recorded one, else 0)")
+    d.add_argument("--test-frac", type=float, help="test fraction of the local split (default: recorded, else 0.2)")
+    d.add_argument("--site", help="site label (one --data)")
+    p.add_argument("--out", help="output prefix for <out>.eval.csv, .eval.json, .confusion.png (default: next to the model)")
+    p.add_argument("--image-size", type=int, help="crop size (default: the model's)")
+    p.add_argument("--weights", help="pretrained weights for a vector file (imagenet, random or a path)")
+    p.add_argument("--weights-dir", action="append", default=[], metavar="DIR", help="folder holding the weights file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -56,13 +57,13 @@ def _print(df: pd.DataFrame) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    from dvlib.data import load_dataset
     from dvlib.experiment import step_split
+    from dvlib.presets import get_preset
 
-    run = open_or_create(args)
     if args.strict:
-        from dvlib.data import load_dataset
-
-        load_dataset(run.preset.dataset, strict=True)
+        load_dataset(args.dataset or get_preset(args.preset).dataset, strict=True)
+    run = open_from_args(args)
     table = step_split(run)
     print(f"run {run.name}: manifests in {run.dir}")
     _print(table)
@@ -72,15 +73,15 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dvlib.experiment import step_finetune, step_split
 
-    run = open_or_create(args)
+    run = open_from_args(args)
     step_split(run)
     targets = None
     if args.hospitals:
         targets = ["full" if h == "full" else f"hospital_{int(h)}" for h in args.hospitals]
-    table = step_finetune(run, targets, progress=not args.no_progress, devices=args.devices)
+    table = step_finetune(run, targets, progress=args.progress, devices=args.devices)
     if targets is not None:
         table = table[table["model"].isin(targets)]
-    cols = ["seed", "model", "eval_on", "n", "accuracy", "balanced_accuracy", "macro_f1", "auc_ovr"]
+    cols = ["split_seed", "train_seed", "model", "eval_on", "n", "accuracy", "balanced_accuracy", "macro_f1", "auc_ovr"]
     _print(table[cols].round(4))
     return 0
 
@@ -88,41 +89,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dvlib.checkpoint import load_checkpoint
-    from dvlib.experiment import Session
-    from dvlib.io import DvlibError, write_csv, write_json
-
-    if args.data:
-        return _evaluate_data(args)
-    run = open_or_create(args)
-    sd, meta = load_checkpoint(args.checkpoint)
-    rows = []
-    for seed in run.seeds:
-        s = Session(run, seed)
-        if list(meta["classes"]) != s.classes:
-            raise DvlibError(f"{args.checkpoint}: classes {meta['classes']} differ from the run's {s.classes}")
-        rows += s.evaluate(s.model_from(sd), model=Path(args.checkpoint).stem)
-    table = pd.DataFrame(rows)
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
-    write_csv(out.with_name(out.name + ".eval.csv"), table)
-    write_json(out.with_name(out.name + ".eval.json"), rows)
-    _print(table.drop(columns=["confusion"]).round(4))
-    return 0
-
-
-def _evaluate_data(args: argparse.Namespace) -> int:
-    """``evaluate --data``: a model on local data folders (see :func:`dvlib.site.evaluate_folders`)."""
-    from pathlib import Path
-
+    from dvlib.cli.site_cmds import open_local_from
+    from dvlib.coordinator import open_model
     from dvlib.io import DvlibError
-    from dvlib.site import evaluate_folders
+    from dvlib.site import evaluate_sites, write_evaluation
 
-    if args.run:
-        raise DvlibError("evaluate: give either --run (a run's test splits) or --data (folders), not both")
-    table, _ = evaluate_folders(args.checkpoint, args.data, split=args.split, split_seed=args.split_seed,
-                                test_frac=args.test_frac, image_size=args.image_size, device=args.device,
-                                out=args.out, weights=args.weights)
-    prefix = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
+    if not args.data:
+        raise DvlibError("evaluate: give --data DIR [DIR ...] (a run's models are evaluated by its steps)")
+    if len(args.data) > 1 and (args.manifest or args.site):
+        raise DvlibError("evaluate: --manifest and --site go with one --data folder")
+    _, meta = open_model(args.model, args.weights, args.weights_dir)
+    locals_, hospitals = [], args.hospital or [None]
+    for d in args.data:
+        for h in hospitals:
+            args.data, args.hospital = d, h
+            locals_.append(open_local_from(args, classes=meta["classes"], meta=meta,
+                                           source=f"the classes of {args.model}"))
+    table, record = evaluate_sites(args.model, locals_, subset=args.subset, device=args.device,
+                                   image_size=args.image_size, weights=args.weights, weights_dirs=args.weights_dir)
+    prefix = Path(args.out) if args.out else Path(args.model).with_suffix("")
+    paths = write_evaluation(prefix, table, record)
     _print(table.drop(columns=["model"]).round(4))
-    print(f"wrote {prefix}.eval.json, {prefix}.eval.csv, {prefix}.confusion.png")
+    print("wrote " + ", ".join(map(str, paths)))
     return 0

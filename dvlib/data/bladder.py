@@ -34,9 +34,12 @@ Zenodo file was not checked offline. Pass ``columns={"image": "<header>", ...}``
 Records: ``patient`` = case number (hospitals must split by case, never by frame); extra
 columns ``imaging`` (``WLI``/``NBI``) and ``official_split`` (``train``/``val``/``test``, the
 authors' split, carried as information only).
+
+:data:`SOURCE` is where ``dvlib data download bladder`` gets it (the Zenodo zip).
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -44,6 +47,7 @@ import pandas as pd
 
 from dvlib.data.base import DatasetIndex, register
 from dvlib.data.pad_ufes import find_images
+from dvlib.data.sources import Source, visible_files
 from dvlib.io import DvlibError
 
 CLASSES = ["HGC", "LGC", "NST", "NTL"]
@@ -169,3 +173,53 @@ def load_bladder(folder: Path, imaging: str = "both", strict: bool = False,
                             "label": m["label"].values, "path": [str(files[s]) for s in m["stem"]],
                             "imaging": m["imaging"].values, "official_split": m["official_split"].values})
     return DatasetIndex("bladder", list(CLASSES), records, root=folder, info=info)
+
+
+# --- download source ----------------------------------------------------------------------------
+
+def arrange(extracted: Path, staging: Path) -> None:
+    """Zenodo zip ``baldder_tissue_classification/{HGC,LGC,NST,NTL}/, annotations.csv`` -> staging."""
+    hits = visible_files(extracted, CSV_NAME)
+    if not hits:
+        csvs = [p.relative_to(extracted).as_posix() for p in visible_files(extracted, "*.csv")]
+        raise DvlibError(f"no {CSV_NAME} (the bladder annotation CSV) in the archive"
+                         + (f"; CSV files found: {csvs}" if csvs else ""))
+    os.rename(hits[0].parent, staging)
+
+
+def verify_notes(index: DatasetIndex) -> list[str]:
+    """Imaging modes, the authors' split and CSV rows without a frame, for ``dvlib data verify``."""
+    recs = index.records
+    notes = ["imaging: " + ", ".join(f"{k} {v}" for k, v in recs["imaging"].value_counts().items())]
+    splits = recs["official_split"].replace("", "(none)").value_counts()
+    notes.append("official split (information only): " + ", ".join(f"{k} {v}" for k, v in splits.items()))
+    if index.info.get("rows_without_images"):
+        notes.append(f"{index.info['rows_without_images']} rows of the annotation CSV have no image file.")
+    return notes
+
+
+SOURCE = Source(
+    name="bladder",
+    title="Endoscopic Bladder Tissue Classification dataset",
+    urls=("https://zenodo.org/records/7741476/files/baldder_tissue_classification.zip?download=1",),
+    filename="baldder_tissue_classification.zip",
+    sha256=None,
+    archive="zip",
+    homepage="https://zenodo.org/records/7741476",
+    licence="not stated in this registry: see the Zenodo record "
+            "https://zenodo.org/records/7741476 (not checked offline)",
+    citation="J. F. Lazo, B. Rosa, M. Catellani, M. Fontana, F. A. Mistretta, G. Musi, O. de Cobelli, "
+             "M. de Mathelin, E. De Momi. Semi-supervised bladder tissue classification in "
+             "multi-domain endoscopic images. IEEE Transactions on Biomedical Engineering "
+             "70(10):2822-2833, 2023. doi:10.1109/TBME.2023.3265679. Data: Zenodo record 7741476.",
+    classes={c: None for c in CLASSES},
+    images=1754,
+    patients=23,
+    patient_note="patient = case number (split by case, never by frame)",
+    layout="bladder/annotations.csv + bladder/{HGC,LGC,NST,NTL}/*.png "
+           "(the zip's baldder_tissue_classification/ folder, upstream spelling)",
+    arrange=arrange,
+    notes=("Totals (1754 frames, 23 patients) from the paper's Appendix A.1; per-class counts "
+           "are not given there, so verify compares totals only.",),
+    verify_notes=verify_notes,
+)
