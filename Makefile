@@ -1,4 +1,4 @@
-# make report : the notebook chain on real data (quick preset, PAD-UFES-20, 3 seeds), sized for a CPU
+# make report : the notebook chain on real data (quick preset, PAD-UFES-20, 3 splits x 2 training seeds), sized for a CPU
 # make test   : unit tests + nbval over the notebooks (smoke preset, synthetic data)
 PYTHON   ?= python3.11
 VENV     ?= .venv
@@ -7,28 +7,35 @@ DVLIB_DATA ?= ../shared/datasets
 export DVLIB_DATA
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 SEEDS    ?= 0 1 2
+TRAIN_SEEDS ?= 0 1
 PRESET   ?= quick
 DATASET  ?= pad_ufes_20
 RUN      ?= $(PRESET)-$(DATASET)
 
-.PHONY: venv test report smoke notebooks lab bench clean
+.PHONY: venv test report report-noniid smoke notebooks lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[test,notebook]"
+	$(PY) -m pip install -q -e ".[test,notebook,fl,privacy]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
 venv: $(VENV)/.installed
 
 test: venv
+	$(VENV)/bin/ruff check --quiet --select F,E9 dvlib tests tools benchmarks notebooks  # errors and unused names, notebooks too
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly notebooks
 
 report: venv
-	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --run $(RUN)
+	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --train-seeds $(TRAIN_SEEDS) --run $(RUN)
+
+# the same chain with non-IID hospitals (Dirichlet label skew, alpha 0.5)
+report-noniid: venv
+	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --train-seeds $(TRAIN_SEEDS) \
+		--scheme dirichlet --alpha 0.5 --run $(RUN)-dirichlet0.5
 
 smoke: venv
 	$(VENV)/bin/dvlib run --preset smoke --run smoke

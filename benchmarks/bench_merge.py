@@ -1,9 +1,12 @@
 """Benchmark: merge 4 ResNet50-sized models on the CPU (not a test).
 
 Builds the DVNet ResNet50 state dict (``weights="random"``, no download), makes 4 perturbed copies and
-times :func:`dvlib.merging.merge` for every method (median of a few runs), plus its validation and
-the bare ``data_vector`` arithmetic, against one ``torch.add(a, b, out=c)`` pass over the same number
-of float32 elements. Writes ``benchmarks/results/merge_cpu.json``.
+times, for every method of :data:`dvlib.methods.METHODS` (median of a few runs),
+:func:`dvlib.merging.merge` on their data vectors (:class:`dvlib.vectors.DataVector`, made once);
+and for the data-vector merge also :func:`dvlib.merge` on the state dicts (vectors made inside), the
+layout validation (:func:`dvlib.checks.layout_problems`) and the bare arithmetic (the method's
+function and ``apply_to``), against one ``torch.add(a, b, out=c)`` pass over the same number of
+float32 elements. Writes ``benchmarks/results/merge_cpu.json``.
 
     .venv/bin/python benchmarks/bench_merge.py [--threads default,1] [--runs 5]
 """
@@ -25,10 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import _cpu_name  # noqa: E402  (one way of naming the machine for both benchmarks)
 
+import dvlib  # noqa: E402
+from dvlib.checks import layout_problems  # noqa: E402
 from dvlib.io import write_json  # noqa: E402
-from dvlib.merging import METHODS, merge  # noqa: E402
+from dvlib.merging import merge  # noqa: E402
+from dvlib.methods import METHODS  # noqa: E402
 from dvlib.models import build  # noqa: E402
-from dvlib.vectors import PARAM, check_compatible, key_kinds, keys_of  # noqa: E402
+from dvlib.vectors import PARAM, DataVector, key_kinds, keys_of  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "merge_cpu.json"
 N_MODELS = 4
@@ -66,21 +72,26 @@ def _models():
 
 def _bench(pre, fts, runs: int) -> dict:
     kinds = key_kinds(fts[0])
+    taus = [DataVector.between(ft, pre, kinds) for ft in fts]
     n_float = sum(v.numel() for v in pre.values() if v.is_floating_point())
     a, b, c = torch.randn(n_float), torch.randn(n_float), torch.empty(n_float)
     add_s, _ = _median_time(partial(torch.add, a, b, out=c), max(runs, 10))
     del a, b, c
     res: dict = {"threads": torch.get_num_threads(), "torch_add_s": add_s, "methods": {}}
-    check_s, _ = _median_time(lambda: check_compatible(fts + [pre]), runs)
-    core_s, _ = _median_time(lambda: METHODS["data_vector"](pre, fts, kinds=kinds, lam=0.5, seed=0, weights=None),
-                             runs)
-    res["check_compatible_5_models_s"] = check_s
+    names = [f"model_{i}" for i in range(len(fts))] + ["pretrained"]
+    check_s, _ = _median_time(lambda: layout_problems(fts + [pre], names), runs)
+    core_s, _ = _median_time(lambda: METHODS["data_vector"].fn(taus, lam=0.5).apply_to(pre), runs)
+    vectors_s, _ = _median_time(lambda: [DataVector.between(ft, pre, kinds) for ft in fts], runs)
+    state_dicts_s, _ = _median_time(lambda: dvlib.merge(pre, fts, method="data_vector"), runs)
+    res["layout_problems_5_models_s"] = check_s
+    res["data_vectors_4_models_s"] = vectors_s
     res["data_vector_arithmetic_only_s"] = core_s
     res["data_vector_arithmetic_only_ratio_to_add"] = core_s / add_s
+    res["dvlib_merge_state_dicts_data_vector_s"] = state_dicts_s
     for method in METHODS:
         opts = {"weights": [1, 2, 3, 4]} if method == "weighted" else {}
         r = SLOW.get(method, runs)
-        med, times = _median_time(lambda: merge(pre, fts, method=method, **opts), r)
+        med, times = _median_time(lambda: merge(pre, taus, method=method, **opts), r)
         res["methods"][method] = {"median_s": med, "runs_s": times, "ratio_to_add": med / add_s}
         print(f"  threads={res['threads']} {method:14s} {med:7.3f} s  ({med / add_s:5.1f}x add)", flush=True)
     return res

@@ -1,20 +1,29 @@
-"""Benchmark: dvlib's fine-tuning against the raw training-step limit, and the whole protocol per seed.
+"""Benchmark: dvlib's fine-tuning against the raw training-step limit, and the whole protocol per seed
+against its compute floor.
 
 One run, one device, one JSON (``benchmarks/results/train_<device-kind>.json`` unless ``--out``):
 
-(a) ``raw``      the limit: training steps of the model on synthetic tensors already on the device
-                 (Adam via :func:`dvlib.train.make_optimizer`, weighted cross-entropy, bf16 autocast and
-                 a channels_last model on CUDA exactly as :func:`dvlib.train.fit` sets them up; the input
-                 is channels_last on every device, as dvlib's augmented batches are);
+(a) ``raw``      the limit: training steps of the model on synthetic tensors already on the device,
+                 set up as :func:`dvlib.train.fit` sets it up (:func:`dvlib.train.prepare`,
+                 :func:`dvlib.train.training_net`, :func:`dvlib.train.make_optimizer`,
+                 :func:`dvlib.train.autocast`; channels_last model and input where
+                 :func:`dvlib.train.use_channels_last` says so, i.e. on every device);
 (b) ``fit``      :func:`dvlib.train.fit` on real images from an :class:`dvlib.loader.ImageCache`
                  (augmentation, batching and any host->device transfer included; decoding the images
                  into the cache is timed separately as ``dataset.decode_s``);
 (c) ``ratio``    b / a at each batch size (goal: >= 0.9);
-(d) ``protocol`` wall time of the whole protocol for one seed through :mod:`dvlib.experiment`
-                 (split, image cache, fine-tuning, merge, restore, similarity) in a temporary runs dir,
-                 step by step (goal at the ``paper`` preset on one GPU: <= 60 s).
+(d) ``protocol`` wall time of the whole protocol for one replicate through the public steps of
+                 :mod:`dvlib.experiment` (``open_run``, ``step_split`` ... ``step_similarity``) in a
+                 temporary runs dir, step by step, with each step's work (images trained on and run
+                 forward, from ``DVLIB_WORK_LOG``) and its compute floor: trained images / raw
+                 training-step img/s + forward images / raw forward img/s, both raw speeds measured in
+                 this run at the protocol's sizes (``protocol.raw``);
+(e) ``knobs``    (``--knobs``) at the protocol's sizes: threads, channels_last or NCHW, the evaluation
+                 batch size, bf16 for inference-only passes (with its prediction error), Adam's
+                 implementation: raw step, raw forward, fit and predict for each.
 
     .venv/bin/python benchmarks/bench_train.py --quick                       # CPU/CI, seconds
+    .venv/bin/python benchmarks/bench_train.py --device cpu --threads 2 --preset quick --no-throughput --knobs
     python3 benchmarks/bench_train.py --arch efficientnet_lite0 --batch-sizes 32 128 --compile   # GPU
 
 ``--weights auto`` (default) uses ImageNet weights where they are available offline (EfficientNet-Lite0
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
 import platform
@@ -47,8 +57,8 @@ from dvlib import models  # noqa: E402
 from dvlib.data import load_dataset  # noqa: E402
 from dvlib.io import DvlibError, write_json  # noqa: E402
 from dvlib.loader import ImageCache, cache_size_for  # noqa: E402
-from dvlib.train import (COMPILE_MODES, _autocast, class_weights, fit, make_optimizer, prepare,  # noqa: E402
-                         resolve_device, training_net)
+from dvlib.train import (COMPILE_MODES, autocast, class_weights, fit, make_optimizer, predict,  # noqa: E402
+                         prepare, resolve_device, training_net, use_channels_last)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -155,30 +165,26 @@ def _median(xs):
     return float(statistics.median(xs)) if xs else None
 
 
-# --- (a) the raw training step ---------------------------------------------------------------------
+# --- (a) the raw training step, and the raw forward pass ----------------------------------------------
 
-def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: int, warmup: int, repeats: int,
-                   device: torch.device, compile: str | bool) -> dict:
-    model = models.build(arch, num_classes, weights="random", seed=0)
+def _layout(model: nn.Module, device: torch.device, layout: str | None) -> bool:
+    """Put ``model`` in the layout dvlib uses on ``device`` (``layout`` None) or the one named
+    (``channels_last`` | ``nchw``); returns whether it is channels_last."""
     prepare(model, device)
-    model.train()
-    net, graphs = training_net(model, compile, device)  # as fit sets it up
-    opt = make_optimizer(model, lr=1e-5, device=device)
-    crit = nn.CrossEntropyLoss(weight=torch.ones(num_classes, device=device))
-    g = torch.Generator(device=device).manual_seed(0)
-    # channels_last on every device, as dvlib's augmented batches are (on a CPU too, where it is faster)
-    x = torch.rand(batch, 3, size, size, device=device, generator=g).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (batch,), device=device, generator=g)
+    cl = use_channels_last(device) if layout is None else layout == "channels_last"
+    model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return cl
 
-    def step():  # what dvlib.train.fit does per batch
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with _autocast(device):
-            loss = crit(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
+def _adam(model: nn.Module, device: torch.device, adam: str | None) -> torch.optim.Optimizer:
+    if adam is None:  # dvlib's
+        return make_optimizer(model, lr=1e-5, device=device)
+    return torch.optim.Adam(model.parameters(), lr=1e-5, **({"foreach": True} if adam == "foreach" else
+                                                            {"fused": True} if adam == "fused" else
+                                                            {"foreach": False}))
+
+
+def _time_steps(step, steps: int, warmup: int, repeats: int, device: torch.device) -> dict:
     t0 = time.perf_counter()
     step()
     _sync(device)
@@ -193,9 +199,60 @@ def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: in
             step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    dt = _median(times)
-    return {"img_per_s": steps * batch / dt, "ms_per_step": 1000 * dt / steps, "steps": steps,
-            "repeats_s": times, "first_step_s": first}
+    return {"dt": _median(times), "repeats_s": times, "first_step_s": first}
+
+
+def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: int, warmup: int, repeats: int,
+                   device: torch.device, compile: str | bool, layout: str | None = None,
+                   adam: str | None = None) -> dict:
+    """Training steps on one synthetic batch on the device, as :func:`dvlib.train.fit` runs them."""
+    model = models.build(arch, num_classes, weights="random", seed=0)
+    cl = _layout(model, device, layout)
+    model.train()
+    net, graphs = training_net(model, compile, device)  # as fit sets it up
+    opt = _adam(model, device, adam)
+    crit = nn.CrossEntropyLoss(weight=torch.ones(num_classes, device=device))
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(batch, 3, size, size, device=device, generator=g)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device, generator=g)
+
+    def step():  # what dvlib.train.fit does per batch
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(device):
+            loss = crit(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = _time_steps(step, steps, warmup, repeats, device)
+    return {"img_per_s": steps * batch / t["dt"], "ms_per_step": 1000 * t["dt"] / steps, "steps": steps,
+            "repeats_s": t["repeats_s"], "first_step_s": t["first_step_s"], "layout": "channels_last" if cl else "nchw"}
+
+
+def raw_forward(arch: str, num_classes: int, batch: int, size: int, steps: int, warmup: int, repeats: int,
+                device: torch.device, mode: str = "eval", bf16: bool = False, layout: str | None = None) -> dict:
+    """Forward passes on one synthetic batch on the device: ``eval`` as :func:`dvlib.train.predict`
+    runs them (eval mode, inference mode), ``recalibrate`` as BN recalibration does (train mode, no
+    gradients). ``bf16``: under bf16 autocast (on a CPU too)."""
+    model = models.build(arch, num_classes, weights="random", seed=0)
+    cl = _layout(model, device, layout)
+    model.train(mode == "recalibrate")
+    x = torch.rand(batch, 3, size, size, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.inference_mode if mode == "eval" else torch.no_grad
+
+    def step():
+        with grad(), (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else autocast(device)):
+            model(x)
+
+    t = _time_steps(step, steps, warmup, repeats, device)
+    return {"img_per_s": steps * batch / t["dt"], "ms_per_batch": 1000 * t["dt"] / steps, "batches": steps,
+            "batch_size": batch, "mode": mode, "bf16": bf16, "layout": "channels_last" if cl else "nchw",
+            "repeats_s": t["repeats_s"]}
 
 
 # --- (b) dvlib's fit on real images --------------------------------------------------------------
@@ -256,109 +313,236 @@ def sync_check(arch: str, cache: ImageCache, labels: torch.Tensor, num_classes: 
             "messages": sorted(set(msgs))[:5], "expected": "1 (the losses read back once at the end of fit)"}
 
 
-# --- (d) the whole protocol ----------------------------------------------------------------------
+def predict_throughput(arch: str, cache: ImageCache, num_classes: int, batch: int, size: int, repeats: int,
+                       device: torch.device) -> dict:
+    """:func:`dvlib.train.predict` over every cached image (centre crops, batching included)."""
+    model = models.build(arch, num_classes, weights="random", seed=0)
+    rows = torch.arange(len(cache.images))
+    predict(model, cache, rows[:batch], size=size, batch_size=batch, device=device)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict(model, cache, rows, size=size, batch_size=batch, device=device)
+        times.append(time.perf_counter() - t0)
+    dt = _median(times)
+    return {"img_per_s": len(rows) / dt, "images": len(rows), "batch_size": batch, "repeats_s": times}
 
-class _Breakdown:
-    """Time (and count) the calls the protocol spends its time in, by patching the names that
-    :mod:`dvlib.experiment` and :mod:`dvlib.restore` call. Nested calls are counted in both (e.g. a
-    ``fit`` inside a restore), so the categories overlap the steps, not one another; ``fit`` and
-    ``predict`` return only after the device has finished (both read results back)."""
 
-    TARGETS = (("dvlib.experiment", "fit"), ("dvlib.restore", "fit"), ("dvlib.experiment", "predict"),
-               ("dvlib.experiment", "compute_metrics"), ("dvlib.models", "build"),
-               ("dvlib.experiment", "save_checkpoint"), ("dvlib.experiment", "load_checkpoint"),
-               ("dvlib.experiment", "merge"), ("dvlib.restore", "recalibrate"))
+# --- (e) knobs -------------------------------------------------------------------------------------
 
-    def __init__(self):
-        self.stats: dict[str, dict] = {}
-        self.saved = []
+def bf16_error(arch: str, weights: str, cache: ImageCache, num_classes: int, size: int, batch: int,
+               device: torch.device) -> dict:
+    """What bf16 autocast does to an inference-only pass: class probabilities of one model (the
+    protocol's weights) on every cached image, and BN statistics recalibrated on them, bf16 against fp32."""
+    from dvlib.bn import recalibrate_bn
+    from dvlib.loader import batches
 
-    def __enter__(self):
-        import importlib
+    model = models.build(arch, num_classes, weights=weights, seed=0)
+    prepare(model, device)
+    rows = torch.arange(len(cache.images))
+    out = {}
+    for bf16 in (False, True):
+        model.eval()
+        probs = []
+        with torch.inference_mode(), (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else autocast(device)):
+            for x, _ in batches(cache, rows, None, batch, size, train=False, device=device):
+                probs.append(model(x).float().softmax(-1))
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else autocast(device)):
+            recalibrate_bn(model, [(x for x, _ in batches(cache, rows, None, 64, size, train=False, device=device))])
+        out[bf16] = torch.cat(probs).cpu(), {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()
+                                             if k.endswith("running_var")}
+    (p0, v0), (p1, v1) = out[False], out[True]
+    return {"weights": weights, "images": len(rows), "max_abs_prob_diff": float((p0 - p1).abs().max()),
+            "argmax_agreement": float((p0.argmax(1) == p1.argmax(1)).float().mean()),
+            "bn_running_var_max_rel_diff": max(float(((v1[k] - v0[k]).abs() / v0[k].abs().clamp_min(1e-12)).max())
+                                               for k in v0)}
 
-        for mod_name, attr in self.TARGETS:
-            mod = importlib.import_module(mod_name)
-            fn = getattr(mod, attr)
-            key = "models.build" if attr == "build" else attr
-            self.saved.append((mod, attr, fn))
-            setattr(mod, attr, self._wrap(key, fn))
-        return self
 
-    def _wrap(self, key, fn):
-        st = self.stats.setdefault(key, {"calls": 0, "seconds": 0.0})
+def knobs(arch: str, weights: str, cache: ImageCache, labels: torch.Tensor, num_classes: int, size: int,
+          batch: int, eval_batch: int, bn_batch: int, device: torch.device, steps: int, warmup: int, repeats: int,
+          threads: list[int], eval_batches: list[int], on_row=None) -> dict:
+    """Each knob at the protocol's sizes, on one machine in one sitting; ``choice``: the fastest."""
+    base = torch.get_num_threads()
+    rows: list[dict] = []
 
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                st["calls"] += 1
-                st["seconds"] += time.perf_counter() - t0
-        return wrapper
+    def add(**row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+        what = {k: v for k, v in row.items() if not isinstance(v, dict)}
+        speeds = {k: round(v["img_per_s"], 1) for k, v in row.items() if isinstance(v, dict) and "img_per_s" in v}
+        print(f"knob {what}: {speeds} img/s", flush=True)
 
-    def __exit__(self, *exc):
-        for mod, attr, fn in reversed(self.saved):
-            setattr(mod, attr, fn)
-        return False
+    try:
+        for th in threads:
+            torch.set_num_threads(th)
+            for layout in ("channels_last", "nchw"):
+                add(knob="layout", threads=th, layout=layout,
+                    raw_train=raw_throughput(arch, num_classes, batch, size, steps, warmup, repeats, device, False,
+                                             layout=layout),
+                    raw_eval=raw_forward(arch, num_classes, eval_batch, size, steps, warmup, repeats, device,
+                                         layout=layout),
+                    raw_recalibrate=raw_forward(arch, num_classes, bn_batch, size, steps, warmup, repeats, device,
+                                                mode="recalibrate", layout=layout))
+            add(knob="dvlib", threads=th,
+                fit=fit_throughput(arch, cache, labels, num_classes, batch, size, steps, warmup, repeats, device, False),
+                predict=predict_throughput(arch, cache, num_classes, eval_batch, size, repeats, device))
+            for b in eval_batches:
+                add(knob="eval_batch", threads=th, batch_size=b,
+                    raw_eval=raw_forward(arch, num_classes, b, size, steps, warmup, repeats, device))
+            add(knob="bf16_inference", threads=th,
+                raw_eval=raw_forward(arch, num_classes, eval_batch, size, steps, warmup, repeats, device, bf16=True),
+                raw_recalibrate=raw_forward(arch, num_classes, bn_batch, size, steps, warmup, repeats, device,
+                                            mode="recalibrate", bf16=True))
+            for adam in ("single_tensor", "foreach", "fused"):
+                add(knob="adam", threads=th, adam=adam,
+                    raw_train=raw_throughput(arch, num_classes, batch, size, steps, warmup, repeats, device, False,
+                                             adam=adam))
+    finally:
+        torch.set_num_threads(base)
+    err = bf16_error(arch, weights, cache, num_classes, size, eval_batch, device)
+
+    def best(knob, part, key):
+        cand = [r for r in rows if r["knob"] == knob]
+        return max(cand, key=lambda r: r[part]["img_per_s"])[key] if cand else None
+
+    lay = [r for r in rows if r["knob"] == "layout"]
+    fp32 = {r["threads"]: r for r in lay if r["layout"] == "channels_last"}
+    bf = {r["threads"]: r for r in rows if r["knob"] == "bf16_inference"}
+    bf16_faster = any(bf[t]["raw_eval"]["img_per_s"] > fp32[t]["raw_eval"]["img_per_s"] for t in bf if t in fp32)
+    choice = {"threads": best("layout", "raw_train", "threads"), "layout": best("layout", "raw_train", "layout"),
+              "eval_batch": best("eval_batch", "raw_eval", "batch_size"), "adam": best("adam", "raw_train", "adam"),
+              "bf16_inference": bool(bf16_faster)}
+    return {"sizes": {"arch": arch, "image_size": size, "batch_size": batch, "eval_batch_size": eval_batch,
+                      "bn_batch_size": bn_batch, "steps": steps, "warmup": warmup, "repeats": repeats},
+            "rows": rows, "bf16_error": err, "choice": choice}
+
+
+# --- (d) the whole protocol, against its compute floor ---------------------------------------------
+
+PROTOCOL_STEPS = ("split", "cache", "finetune", "merge", "lambda", "bn_policy", "restore", "similarity")
+WORK_STEP = {"step_split": "split", "step_finetune": "finetune", "step_merge": "merge", "step_lambda": "lambda",
+             "step_bn_policy": "bn_policy", "step_restore": "restore", "step_similarity": "similarity"}
+RESTORE_MODES = ("none", "recalibrate", "finetune_epoch")  # notebook 04's default
+
+
+def raw_speeds(arch: str, num_classes: int, image_size: int, batch_size: int, eval_batch_size: int,
+               device: torch.device, steps: int, warmup: int, repeats: int) -> dict:
+    """The raw speeds a floor divides by, at one protocol's sizes: the training step (batch_size),
+    the evaluation forward pass (eval_batch_size) and the recalibration forward pass (BN batch)."""
+    from dvlib.restore import BN_BATCH
+
+    train = raw_throughput(arch, num_classes, batch_size, image_size, steps, warmup, repeats, device, False)
+    ev = raw_forward(arch, num_classes, eval_batch_size, image_size, steps, warmup, repeats, device)
+    rc = raw_forward(arch, num_classes, BN_BATCH, image_size, steps, warmup, repeats, device, mode="recalibrate")
+    return {"arch": arch, "image_size": image_size, "threads": torch.get_num_threads(),
+            "train_img_per_s": train["img_per_s"], "train_batch_size": batch_size,
+            "eval_img_per_s": ev["img_per_s"], "eval_batch_size": eval_batch_size,
+            "recalibration_img_per_s": rc["img_per_s"], "recalibration_batch_size": BN_BATCH,
+            "layout": train["layout"], "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def mean_speeds(a: dict, b: dict) -> dict:
+    """Two raw-speed measurements (before and after) averaged, both kept."""
+    keys = ("train_img_per_s", "eval_img_per_s", "recalibration_img_per_s")
+    return {**a, **{k: (a[k] + b[k]) / 2 for k in keys}, "before": a, "after": b}
+
+
+def floor_seconds(work: dict, raw: dict) -> float:
+    """trained images / raw training img/s + evaluated images / raw eval img/s + recalibration images
+    / raw recalibration img/s."""
+    return (work.get("train_images", 0) / raw["train_img_per_s"] + work.get("forward_images", 0) / raw["eval_img_per_s"]
+            + work.get("recalibration_images", 0) / raw["recalibration_img_per_s"])
+
+
+def read_work_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).exists() else []
 
 
 def protocol(preset: str, overrides: dict, seed: int, device: torch.device, on_step=None,
-             finetune_devices: list[str] | None = None) -> dict:
+             finetune_devices: list[str] | None = None, train_seed: int | None = None,
+             restore_modes=RESTORE_MODES, raw_args: tuple[int, int, int] | None = (10, 2, 3)) -> dict:
+    """One replicate (split seed ``seed``, training seed ``train_seed`` or the preset's) of the whole
+    protocol through the public steps, timed step by step; with ``raw_args`` (steps, warmup, repeats)
+    the raw speeds are measured just before and just after, and every step gets its floor."""
     import pandas as pd
 
     from dvlib import experiment as ex
 
     with tempfile.TemporaryDirectory(prefix="dvlib-bench-") as tmp, warnings.catch_warnings():
-        # tiny test splits make scikit-learn warn about absent classes; not what is measured here
         warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")
-        run = ex.create_run("bench", preset, seeds=[seed], root=tmp, device=str(device), **overrides)
-        steps: dict[str, float] = {}
+        log = Path(tmp) / "work.jsonl"
+        old_log = os.environ.get("DVLIB_WORK_LOG")
+        os.environ["DVLIB_WORK_LOG"] = str(log)
+        try:
+            t_open = time.perf_counter()
+            run = ex.open_run("bench", preset, seeds=[seed], train_seeds=None if train_seed is None else [train_seed],
+                              root=tmp, device=str(device), **overrides)
+            open_s = time.perf_counter() - t_open
+            p = run.preset
+            s, t = run.replicates[0]
+            ex.reset_caches()
+            k = len(ex.dataset_index(run).classes)
+            raw_before = raw_speeds(p.arch, k, p.image_size, p.batch_size, p.eval_batch_size, device,
+                                    *raw_args) if raw_args else None
+            steps: dict[str, float] = {}
 
-        def timed(name, fn):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            _sync(device)
-            steps[name] = time.perf_counter() - t0
-            if on_step is not None:
-                on_step(dict(steps))
-            return out
+            def timed(name, fn):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = fn()
+                _sync(device)
+                steps[name] = time.perf_counter() - t0
+                if on_step is not None:
+                    on_step(dict(steps))
+                return out
 
-        t_all = time.perf_counter()
-        with _Breakdown() as bd:
+            t_all = time.perf_counter()
             timed("split", lambda: ex.step_split(run))
-            ex._CACHES.clear()
-            s = ex.Session(run, seed)
-            timed("cache", lambda: s.cache)  # decode once; later steps reuse it
+            r = ex.replicate(run, s, t)
+            timed("cache", lambda: r.cache)  # decode once; later steps reuse it
             timed("finetune", lambda: ex.step_finetune(run, progress=False, devices=finetune_devices))
             timed("merge", lambda: ex.step_merge(run))
-            timed("restore", lambda: ex.step_restore(run))
+            timed("lambda", lambda: ex.step_lambda(run))
+            timed("bn_policy", lambda: ex.step_bn_policy(run))
+            timed("restore", lambda: ex.step_restore(run, modes=restore_modes))
             timed("similarity", lambda: ex.step_similarity(run))
-        total = time.perf_counter() - t_all
+            total = time.perf_counter() - t_all
+            raw_after = raw_speeds(p.arch, k, p.image_size, p.batch_size, p.eval_batch_size, device,
+                                   *raw_args) if raw_args else None
+        finally:
+            if old_log is None:
+                os.environ.pop("DVLIB_WORK_LOG", None)
+            else:
+                os.environ["DVLIB_WORK_LOG"] = old_log
+        work = {name: {} for name in PROTOCOL_STEPS}
+        for rec in read_work_log(log):
+            work[WORK_STEP[rec["step"]]] = {k: v for k, v in rec.items() if k not in ("step", "run", "pid")}
         hist = pd.read_csv(run.result("finetune_history"))
-        p = run.preset
-        first = hist[hist["epoch"] == 1]["seconds"]
-        later = hist[hist["epoch"] > 1]["seconds"]
         out = {
-            "preset": preset, "overrides": overrides, "seed": seed,
+            "preset": preset, "overrides": overrides, "seed": seed, "split_seed": s, "train_seed": t,
+            "restore_modes": list(restore_modes),
             "finetune_devices": ex.finetune_devices(str(device), finetune_devices),
             "arch": p.arch, "weights": p.weights, "dataset": p.dataset, "image_size": p.image_size,
             "epochs": p.epochs, "batch_size": p.batch_size, "eval_batch_size": p.eval_batch_size,
-            "n_hospitals": p.n_hospitals, "images": len(s.manifest),
-            "train_images": int((s.manifest["subset"] == "train").sum()),
-            "cache_device": str(s.cache.data.device),
-            "steps_s": steps, "total_s": total, "breakdown": bd.stats,
+            "n_hospitals": p.n_hospitals, "images": len(r.manifest),
+            "train_images": int((r.manifest["subset"] == "train").sum()),
+            "cache_device": str(r.cache.data.device), "open_run_s": open_s,
+            "steps_s": steps, "total_s": total, "work": work,
+            "breakdown": {name: {"seconds": steps[name], **work[name]} for name in PROTOCOL_STEPS},
             "finetune_images": int(hist["images"].sum()),
-            "finetune_fit_s": float(hist["seconds"].sum()),
-            "finetune_fit_img_per_s": float(hist["images"].sum() / hist["seconds"].sum()),
-            "first_epoch_s_mean": float(first.mean()) if len(first) else None,
-            "later_epoch_s_mean": float(later.mean()) if len(later) else None,  # None: 1 epoch only
-            "finetune_other_s": steps["finetune"] - float(hist["seconds"].sum()),
+            "finetune_step_img_per_s": float(hist["images"].sum() / steps["finetune"]),
             "evaluations": {k: int(len(pd.read_csv(run.result(k)))) for k in
                             ("finetune_eval", "merge_eval", "lambda_eval", "bn_policy_eval", "restore_eval")},
         }
-    ex._CACHES.clear()
-    ex._SESSIONS.clear()
+        if raw_args:
+            raw = mean_speeds(raw_before, raw_after)
+            floors = {name: floor_seconds(work[name], raw) for name in PROTOCOL_STEPS}
+            out.update(raw=raw, floor_s=floors, floor_total_s=sum(floors.values()),
+                       ratio_to_floor=total / sum(floors.values()) if sum(floors.values()) > 0 else None,
+                       per_step=[{"step": name, "protocol_s": steps[name], "floor_s": floors[name]}
+                                 for name in PROTOCOL_STEPS])
+    ex.reset_caches()
     return out
 
 
@@ -384,7 +568,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preset", default=None, help="protocol preset (default paper; quick: smoke)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                     help="extra preset override for the protocol, e.g. --set epochs=8 (repeatable)")
-    ap.add_argument("--seed", type=int, default=0, help="protocol seed")
+    ap.add_argument("--seed", type=int, default=0, help="protocol split seed")
+    ap.add_argument("--train-seed", type=int, default=None, help="protocol training seed (default: the preset's)")
+    ap.add_argument("--restore-modes", nargs="+", default=list(RESTORE_MODES), metavar="MODE",
+                    help="protocol restore modes (default: notebook 04's, none recalibrate finetune_epoch)")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the raw speeds before and after the protocol and give each step its compute "
+                         "floor (default on)")
+    ap.add_argument("--knobs", action="store_true",
+                    help="(e): threads, channels_last/NCHW, evaluation batch size, bf16 inference, Adam "
+                         "implementation, at the protocol preset's sizes")
+    ap.add_argument("--knob-threads", type=int, nargs="+", default=None, help="threads tried by --knobs "
+                                                                               "(default 1 and the CPU count)")
+    ap.add_argument("--knob-eval-batches", type=int, nargs="+", default=[32, 64, 128, 256],
+                    help="evaluation batch sizes tried by --knobs")
     ap.add_argument("--finetune-devices", nargs="+", default=None, metavar="DEVICE",
                     help="protocol: fine-tune one process per device (e.g. cuda:0 cuda:0 runs two models at once "
                          "on one GPU); default: the one device")
@@ -397,7 +594,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "CUDA graphs)")
     ap.add_argument("--quick", action="store_true",
                     help="reduced sizes for CPU/CI: smallcnn, 64 px, batch 8, 3 steps, synthetic, protocol on "
-                         "the smoke preset with 1 epoch and 48 patients")
+                         "the smoke preset with 1 epoch and 48 patients, floor from 2-step raw speeds")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="JSON path (default <out-dir>/train_<device-kind>[_<tag>].json)")
     ap.add_argument("--out-dir", default=None, help="folder of the default JSON path (default benchmarks/results)")
@@ -432,6 +629,48 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def protocol_settings(a: argparse.Namespace, n_patients: int) -> tuple[dict, str]:
+    """The protocol's preset overrides from the command line, and a note on the weights/dataset."""
+    overrides = _parse_overrides(a.overrides)
+    overrides.setdefault("arch", a.arch)
+    weights, why = resolve_weights(overrides["arch"], a.weights)
+    overrides.setdefault("weights", weights)
+    want = overrides.get("dataset", a.dataset)
+    if want != "synthetic":
+        try:
+            load_dataset(want)
+        except DvlibError:
+            why += f"; dataset {want} unavailable, synthetic used"
+            want = "synthetic"
+    overrides["dataset"] = want
+    if want == "synthetic":
+        overrides.setdefault("n_patients", n_patients)
+    if a.quick:
+        overrides.setdefault("epochs", 1)
+    if a.image_size_given or a.quick:
+        overrides.setdefault("image_size", a.image_size)
+    return overrides, why
+
+
+def _labelled_cache(dataset: str, n_patients: int, size: int, device: torch.device):
+    """Every image of ``dataset`` decoded once, in a fixed shuffled order (the first n mix the
+    classes), with integer labels; and the dataset record."""
+    index, ds = load_images(dataset, n_patients)
+    side = cache_size_for(size)
+    _sync(device)
+    t0 = time.perf_counter()
+    cache = ImageCache.build(index, sorted(index.records["image"]), side, device=device)
+    _sync(device)
+    ds.update(decode_s=time.perf_counter() - t0, cache_side=side, cache_device=str(cache.data.device),
+              cache_mib=round(cache.data.numel() / 2 ** 20, 1), classes=len(index.classes))
+    cls = {c: i for i, c in enumerate(index.classes)}
+    by_image = index.records.set_index("image")["label"]
+    labels = torch.tensor([cls[by_image[im]] for im in cache.images], dtype=torch.long)
+    order = torch.randperm(len(cache.images), generator=torch.Generator().manual_seed(0))
+    cache = ImageCache(cache.data[order.to(cache.data.device)], [cache.images[i] for i in order.tolist()])
+    return cache, labels[order], ds
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.threads:
@@ -443,43 +682,30 @@ def main(argv=None) -> dict:
         f"train_{dev['kind']}{'_' + tag if tag else ''}.json"
     n_patients = 48 if a.quick else 160
     t_start = time.perf_counter()
+    cl = use_channels_last(device)
     res: dict = {
-        "schema": 1,
+        "schema": 2,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "quick": a.quick, "device": dev, "versions": versions(),
         "arch": a.arch, "image_size": a.image_size, "batch_sizes": a.batch_sizes,
         "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-        "channels_last": {"model": device.type == "cuda", "input_batches": True},
+        "channels_last": {"model": cl, "input_batches": cl},
         "optimizer": "Adam (fused)" if device.type == "cuda" else "Adam",
         "throughput_weights": "random",
         "compile_measured": a.compile_modes if a.compile else False,
         "reference": REFERENCE, "goals": GOALS,
     }
-    print(f"device {dev['name']} ({device}), torch {res['versions']['torch']}, arch {a.arch}, "
-          f"{a.image_size}px, batches {a.batch_sizes}", flush=True)
+    print(f"device {dev['name']} ({device}), torch {res['versions']['torch']}, {torch.get_num_threads()} threads, "
+          f"arch {a.arch}, {a.image_size}px, batches {a.batch_sizes}", flush=True)
 
     if a.throughput:
-        index, ds = load_images(a.dataset, n_patients)
-        side = cache_size_for(a.image_size)
-        _sync(device)
-        t0 = time.perf_counter()
-        cache = ImageCache.build(index, sorted(index.records["image"]), side, device=device)
-        _sync(device)
-        ds.update(decode_s=time.perf_counter() - t0, cache_side=side, cache_device=str(cache.data.device),
-                  cache_mib=round(cache.data.numel() / 2 ** 20, 1), classes=len(index.classes))
+        cache, labels, ds = _labelled_cache(a.dataset, n_patients, a.image_size, device)
         res["dataset"] = ds
-        print(f"dataset {ds['used']}: {ds['images']} images decoded to {side}px in {ds['decode_s']:.2f} s "
+        print(f"dataset {ds['used']}: {ds['images']} images decoded to {ds['cache_side']}px in {ds['decode_s']:.2f} s "
               f"{('(' + ds['note'] + ')') if ds['note'] else ''}", flush=True)
-        cls = {c: i for i, c in enumerate(index.classes)}
-        by_image = index.records.set_index("image")["label"]
-        labels = torch.tensor([cls[by_image[im]] for im in cache.images], dtype=torch.long)
-        # a fixed shuffle, so that the first n images of (b) mix the classes
-        order = torch.randperm(len(cache.images), generator=torch.Generator().manual_seed(0))
-        cache = ImageCache(cache.data[order.to(cache.data.device)], [cache.images[i] for i in order.tolist()])
-        labels = labels[order]
-        k = len(index.classes)
+        k = ds["classes"]
         t0 = time.perf_counter()
         for _ in range(3):
             models.build(a.arch, k, weights="random", seed=0)
@@ -519,35 +745,38 @@ def main(argv=None) -> dict:
             res["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
         del cache
 
+    overrides, why = protocol_settings(a, n_patients)
+    if a.knobs:
+        from dvlib.presets import get_preset
+        from dvlib.restore import BN_BATCH
+
+        p = get_preset(a.preset, **overrides)
+        cache, labels, ds = _labelled_cache(p.dataset, n_patients, p.image_size, device)
+        threads = a.knob_threads or sorted({1, os.cpu_count() or 1})
+        print(f"knobs at preset {a.preset} sizes ({p.arch}, {p.image_size}px, batch {p.batch_size}, eval batch "
+              f"{p.eval_batch_size}), threads {threads} ...", flush=True)
+        res["knobs"] = knobs(p.arch, p.weights, cache, labels, ds["classes"], p.image_size, p.batch_size,
+                             p.eval_batch_size, BN_BATCH, device, a.steps, a.warmup, a.repeats, threads,
+                             a.knob_eval_batches,
+                             on_row=lambda r: write_json(out, {**res, "knobs": {"rows": r}, "complete": False}))
+        res["knobs"]["dataset"] = ds
+        print(f"knobs: fastest {res['knobs']['choice']}; bf16 inference error {res['knobs']['bf16_error']}", flush=True)
+        del cache
+
     if a.protocol:
-        overrides = _parse_overrides(a.overrides)
-        overrides.setdefault("arch", a.arch)
-        weights, why = resolve_weights(overrides["arch"], a.weights)
-        overrides.setdefault("weights", weights)
-        want = overrides.get("dataset", a.dataset)
-        if want != "synthetic":
-            try:
-                load_dataset(want)
-            except DvlibError:
-                why += f"; dataset {want} unavailable, synthetic used"
-                want = "synthetic"
-        overrides["dataset"] = want
-        if want == "synthetic":
-            overrides.setdefault("n_patients", n_patients)
-        if a.quick:
-            overrides.setdefault("epochs", 1)
-        if a.image_size_given or a.quick:
-            overrides.setdefault("image_size", a.image_size)
         print(f"protocol: preset {a.preset} with {overrides} ...", flush=True)
+        raw_args = ((2 if a.quick else a.steps), (1 if a.quick else a.warmup), (1 if a.quick else a.repeats))
         res["protocol"] = protocol(a.preset, overrides, a.seed, device, on_step=lambda st: write_json(
             out, {**res, "protocol": {"preset": a.preset, "overrides": overrides, "steps_s": st}, "complete": False}),
-            finetune_devices=a.finetune_devices)
+            finetune_devices=a.finetune_devices, train_seed=a.train_seed, restore_modes=tuple(a.restore_modes),
+            raw_args=raw_args if a.floor else None)
         res["protocol"]["weights_note"] = why
         pr = res["protocol"]
         print("protocol steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in pr["steps_s"].items())
-              + f"; total {pr['total_s']:.2f} s per seed", flush=True)
-        print("protocol time in: " + ", ".join(f"{k} {v['seconds']:.2f}s/{v['calls']}"
-                                               for k, v in pr["breakdown"].items()), flush=True)
+              + f"; total {pr['total_s']:.2f} s per replicate", flush=True)
+        if a.floor:
+            print("floors: " + ", ".join(f"{k} {v:.2f}s" for k, v in pr["floor_s"].items())
+                  + f"; total {pr['floor_total_s']:.2f} s, protocol / floor = {pr['ratio_to_floor']:.3f}", flush=True)
     else:
         res["protocol"] = None
     res["wall_s"] = time.perf_counter() - t_start

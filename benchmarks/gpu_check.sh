@@ -148,10 +148,12 @@ for f in sorted(Path(sys.argv[1]).glob("train_*.json")):
         steps = ", ".join(f"{k} {v:.1f}" for k, v in p.get("steps_s", {}).items())
         print(f"  protocol {p.get('preset')} {p.get('arch', '')}: {steps}; total {p.get('total_s', float('nan')):.1f} s")
         for k, v in (p.get("breakdown") or {}).items():
-            print(f"    {k:16s} {v['seconds']:7.2f} s in {v['calls']} calls")
-        if "finetune_fit_img_per_s" in p:
-            print(f"    fine-tuning inside fit: {p['finetune_images']} images at {p['finetune_fit_img_per_s']:.0f} img/s;"
-                  f" epoch 1 {p['first_epoch_s_mean']:.3f} s vs later {p['later_epoch_s_mean']} s (mean)")
+            print(f"    {k:12s} {v['seconds']:7.2f} s: trained {v.get('train_images', 0)} images, forward "
+                  f"{v.get('forward_images', 0)} + {v.get('recalibration_images', 0)} (recalibration); evaluations "
+                  f"{v.get('evaluations_computed', 0)} computed, {v.get('evaluations_reused', 0)} reused; "
+                  f"floor {p.get('floor_s', {}).get(k, float('nan')):.2f} s")
+        if p.get("floor_total_s"):
+            print(f"    floor {p['floor_total_s']:.1f} s; protocol / floor = {p['ratio_to_floor']:.2f}")
 EOF
 say "=== done; files in $OUT"
 ls -la "$OUT" | tee -a "$LOG"

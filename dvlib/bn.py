@@ -51,6 +51,7 @@ def recalibrate_bn(model: nn.Module, batch_iterables: Sequence[Iterable[Any]],
               None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
     modes = [(m, m.training) for m in model.modules()]
     counts: list[int] = []
+    nb = 0
     ok = False
     try:
         for m in bns:
@@ -66,11 +67,15 @@ def recalibrate_bn(model: nn.Module, batch_iterables: Sequence[Iterable[Any]],
                     x = x.to(device)
                 model(x)
                 n += int(x.shape[0])
+                nb += 1
             counts.append(n)
         if sum(counts) == 0:
             raise DvlibError("recalibrate_bn: no images in any of the "
                              f"{len(iterables)} batch iterable(s); BatchNorm statistics left unchanged")
         ok = True
+        from dvlib.train import count_work
+
+        count_work("recalibration", sum(counts), nb)
     finally:
         for m, (momentum, mean, var, nbt) in zip(bns, saved):
             m.momentum = momentum

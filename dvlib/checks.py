@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -34,12 +36,64 @@ def finite_number(x: Any, what: str, low: float | None = None, high: float | Non
     return float(x)
 
 
-def integer(x: Any, what: str, low: int | None = None) -> int:
+def integer(x: Any, what: str, low: int | None = None, high: int | None = None) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise DvlibError(f"{what} must be an integer, got {x!r}")
     if low is not None and x < low:
         raise DvlibError(f"{what} must be >= {low}, got {x!r}")
+    if high is not None and x > high:
+        raise DvlibError(f"{what} must be <= {high}, got {x!r}")
     return int(x)
+
+
+MAX_SEED = 2**31 - 1        # split seeds also seed scikit-learn (< 2**32, plus per-hospital offsets)
+MAX_BUILD_SEED = 2**63 - 1  # torch.manual_seed
+MAX_IMAGE_SIZE = 4096       # a crop side; larger would decode every image at that size
+MAX_COUNT = 2**53           # exact as a float
+MAX_NAME = 200              # class names and site labels
+
+
+def label_problem(value: Any, what: str, max_len: int = MAX_NAME) -> str | None:
+    """Why ``value`` is not a printable name (a class or site label), or None."""
+    if not isinstance(value, str) or not value:
+        return f"{what} must be a non-empty string, got {value!r}"
+    if len(value) > max_len:
+        return f"{what} must be at most {max_len} characters, got {len(value)}"
+    if any(not ch.isprintable() for ch in value):
+        return f"{what} must be printable (no control characters), got {value!r}"
+    return None
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (the same spelling resolved, or a link to it)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def distinct_outputs(outputs: Mapping[str, str | os.PathLike | None],
+                     inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Refuse a command whose output would replace one of its inputs, or another of its outputs.
+
+    ``outputs``/``inputs``: ``{what: path}`` (e.g. ``{"--out": ..., "--save-split": ...}``); None skipped."""
+    outs = [(w, Path(p)) for w, p in outputs.items() if p is not None]
+    ins = [(w, Path(p)) for w, p in inputs.items() if p is not None]
+    problems = []
+    for i, (w, out) in enumerate(outs):
+        for wi, inp in ins:
+            if same_file(out, inp):
+                problems.append(f"{out}: {w} is also the input {wi} ({inp}); it would be overwritten, "
+                                "write to another file")
+        for w2, other in outs[i + 1:]:
+            if same_file(out, other):
+                problems.append(f"{out}: {w} and {w2} are the same file")
+    if problems:
+        raise DvlibError(problems[0] if len(problems) == 1 else
+                         "outputs collide:\n  - " + "\n  - ".join(problems))
 
 
 @torch.no_grad()
@@ -104,7 +158,9 @@ def negative_variance_keys(state_dict: StateDict) -> dict[str, float]:
 
 def bare_name(value: Any, what: str) -> str:
     """A file name with no folder part: metadata may name a file, never a path to open."""
-    s = str(value)
-    if not s or s in (".", "..") or "/" in s or "\\" in s or "\x00" in s or s.startswith("~"):
-        raise DvlibError(f"{what} must be a bare file name (no folders), got {value!r}")
+    s = value if isinstance(value, str) else ""
+    if (not s or s in (".", "..") or "/" in s or "\\" in s or "\x00" in s or s.startswith("~")
+            or len(s) > 255 or not s.isprintable()):
+        shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:120] + "..."
+        raise DvlibError(f"{what} must be a bare file name (no folders), got {shown}")
     return s

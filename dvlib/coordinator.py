@@ -13,11 +13,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from dvlib import merging
-from dvlib import models
-from dvlib.checks import bare_name, fail, layout_problems
+from dvlib import merging, models
+from dvlib.checks import bare_name, fail, layout_problems, same_file
 from dvlib.files import BUILTIN_WEIGHTS, VectorFile, is_vector_file, load_model, load_vector, save_model
-from dvlib.io import DvlibError
+from dvlib.io import DvlibError, check_writable
 
 SAME = ("pretrained_sha256", "arch", "head", "image_size")  # what every site must share
 
@@ -85,23 +84,30 @@ def rebuild_pretrained(meta: dict, weights: str | None = None,
 
 
 def check_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], what: str) -> Path:
-    """``out`` as a path that ends in .safetensors and is none of ``inputs``."""
+    """``out`` as a path that ends in .safetensors and is none of ``inputs`` (also not through a link)."""
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise DvlibError(f"{out}: {what} must end in .safetensors")
     if out.is_dir():
         raise DvlibError(f"{out}: is a folder; give a file name for {what}")
+    if out.suffix != ".safetensors":
+        raise DvlibError(f"{out}: {what} must end in .safetensors")
+    check_writable(out)
     for p in map(Path, inputs):
-        if out.resolve() == p.resolve() or (out.exists() and p.exists() and os.path.samefile(out, p)):
+        if same_file(out, p):
             raise DvlibError(f"{out}: is also an input ({p}); write {what} to another file")
     return out
+
+
+def fit_problems(state: dict, model: models.DVNet, where: str) -> list[str]:
+    """Every key, shape and dtype of ``state`` that the network its metadata describes would not take."""
+    ref = model.state_dict()
+    return layout_problems([ref, state], [f"the {model.arch} network of the metadata", where])
 
 
 def merge_warnings(vfs: Sequence[VectorFile]) -> list[str]:
     """What differs between mergeable files without making the merge wrong, for the reader."""
     out = []
     versions = {vf.path.name: vf.meta.get("dvlib_version") for vf in vfs}
-    if len(set(versions.values())) > 1:
+    if len({json.dumps(v) for v in versions.values()}) > 1:
         out.append("written by different dvlib versions: " + ", ".join(f"{f} {v}" for f, v in versions.items()))
     if len({vf.meta["build_seed"] for vf in vfs}) > 1:
         out.append("the sites' new heads started from different seeds: their average is less meaningful")
@@ -120,7 +126,8 @@ def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     ``pretrained``: the already rebuilt pretrained model (the simulation keeps one), checked like a
     rebuilt one. Method ``weighted`` weighs the sites by their training sample counts.
     """
-    out = check_out(out, paths, "the merged model")
+    out = check_out(out, [*paths, *([weights] if weights and weights not in BUILTIN_WEIGHTS else [])],
+                    "the merged model")
     vfs = load_vectors(paths)
     ref = vfs[0].meta
     model = pretrained if pretrained is not None else rebuild_pretrained(ref, weights, weights_dirs)
@@ -132,6 +139,8 @@ def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     state, report = merging.merge(pre, [vf.tau for vf in vfs], method=method, lam=lam, bn_buffers=bn_buffers,
                                   seed=seed, weights=counts if method == "weighted" else None,
                                   names=[str(vf.path) for vf in vfs], **opts)
+    # the output is checked like an input: it must be what its metadata says (finite: merging.merge)
+    fail(fit_problems(state, model, str(out)), "the merged model does not fit its metadata; nothing was written")
     splits = {json.dumps(vf.meta.get("split"), sort_keys=True) for vf in vfs}
     meta = {k: ref[k] for k in ("arch", "head", "build_seed", "classes", "pretrained_sha256", "image_size")}
     meta.update(kind="merged", weights=ref["weights"] if not weights else
@@ -164,6 +173,7 @@ def open_model(path: str | os.PathLike, weights: str | None = None,
         mf = load_model(path)
         state, meta = mf.state, mf.meta
         model = models.build(meta["arch"], len(meta["classes"]), weights="random", head=meta["head"])
+    fail(fit_problems(state, model, str(path)), f"bad model file {path}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

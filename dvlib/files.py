@@ -16,6 +16,7 @@ metadata and NaN/Inf, each with a :class:`DvlibError` naming the file and the ke
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -25,7 +26,8 @@ from typing import Any, Mapping
 
 import torch
 
-from dvlib.checks import bare_name, fail, finite_problems
+from dvlib.checks import (MAX_BUILD_SEED, MAX_COUNT, MAX_IMAGE_SIZE, MAX_SEED, bare_name, fail, finite_problems,
+                          label_problem)
 from dvlib.io import DvlibError, atomic_path, sha256_file
 from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, kind_by_name
 
@@ -38,6 +40,7 @@ VECTOR_KIND = "site_vector"
 BUILTIN_WEIGHTS = ("imagenet", "random")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".tar", ".bin")
 REQUIRED = ("kind", "arch", "head", "classes", "pretrained_sha256", "weights", "build_seed", "image_size")
+MAX_CLASSES = 10_000
 
 
 @dataclass
@@ -78,38 +81,115 @@ class ModelFile:
     sha256: str
 
 
+def _int_problem(meta: Mapping[str, Any], key: str, low: int, high: int, where: str) -> list[str]:
+    v = meta.get(key)
+    if key in meta and (isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high):
+        return [f"{where}: metadata '{key}' must be an integer in [{low}, {high}], got {_short(v)}"]
+    return []
+
+
+def _short(v: Any, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _label(v: Any, what: str, where: str) -> list[str]:
+    why = label_problem(v, what)
+    return [f"{where}: {why}"] if why else []
+
+
+def _section_problems(meta: Mapping[str, Any], where: str) -> list[str]:
+    """The optional fields later commands read: each of the type they expect, or absent/None."""
+    p: list[str] = []
+    for key in ("site", "dvlib_version", "preset", "method"):  # printed and compared as names
+        if meta.get(key) is not None:
+            p += _label(meta[key], f"metadata '{key}'", where)
+    split = meta.get("split")
+    if split is not None:
+        if not isinstance(split, dict):
+            p.append(f"{where}: metadata 'split' must be an object, got {_short(split)}")
+        else:
+            seed, frac = split.get("seed"), split.get("test_frac")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+                p.append(f"{where}: metadata 'split.seed' must be an integer in [0, {MAX_SEED}], got {_short(seed)}")
+            if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float))
+                                     or not 0.0 < frac < 1.0):
+                p.append(f"{where}: metadata 'split.test_frac' must be a number in (0, 1), got {_short(frac)}")
+    for key in ("hyperparameters", "metrics"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            p.append(f"{where}: metadata '{key}' must be an object, got {_short(meta[key])}")
+    hyper = [("hyperparameters", meta.get("hyperparameters"))]
+    sources = meta.get("sources")
+    if sources is not None:
+        if not isinstance(sources, list) or not all(isinstance(x, dict) for x in sources):
+            p.append(f"{where}: metadata 'sources' must be a list of objects, got {_short(sources)}")
+        else:
+            hyper += [(f"sources[{i}].hyperparameters", x.get("hyperparameters")) for i, x in enumerate(sources)]
+            p += [f"{where}: metadata 'sources[{i}].hyperparameters' must be an object, got "
+                  f"{_short(x['hyperparameters'])}" for i, x in enumerate(sources)
+                  if x.get("hyperparameters") is not None and not isinstance(x["hyperparameters"], dict)]
+    for what, h in hyper:  # restore takes its batch size and lr from here
+        if not isinstance(h, dict):
+            continue
+        b, lr = h.get("batch_size"), h.get("lr")
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_COUNT):
+            p.append(f"{where}: metadata '{what}.batch_size' must be an integer >= 1, got {_short(b)}")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                               or lr < 0):
+            p.append(f"{where}: metadata '{what}.lr' must be a finite number >= 0, got {_short(lr)}")
+    visits = meta.get("restore_visits")
+    if visits is not None:
+        if not isinstance(visits, list) or not all(isinstance(v, dict) for v in visits):
+            p.append(f"{where}: metadata 'restore_visits' must be a list of objects, got {_short(visits)}")
+        else:
+            for i, v in enumerate(visits):
+                n = v.get("images")
+                if not isinstance(v.get("mode"), str) or not isinstance(v.get("reset", False), bool) \
+                        or isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_COUNT \
+                        or label_problem(v.get("site"), "site"):
+                    p.append(f"{where}: metadata 'restore_visits[{i}]' needs 'site' (a label), 'mode' (a string), "
+                             f"'images' (an integer >= 0) and 'reset' (true/false), got {_short(v)}")
+    for key in ("warnings", "history"):
+        if meta.get(key) is not None and not isinstance(meta[key], list):
+            p.append(f"{where}: metadata '{key}' must be a list, got {_short(meta[key])}")
+    return p
+
+
 def meta_problems(meta: Mapping[str, Any], where: str) -> list[str]:
-    """Every missing or ill-typed metadata field, named."""
+    """Every missing, ill-typed or out-of-range metadata field, named (also the optional fields that
+    later commands read: a file another site made is never trusted to have the right types)."""
     from dvlib.models import ARCHS, HEADS
 
     p = [f"{where}: metadata lacks '{k}'" for k in REQUIRED if k not in meta]
     kind = meta.get("kind")
     if kind is not None and kind not in (VECTOR_KIND, *MODEL_KINDS):
-        p.append(f"{where}: metadata 'kind' {kind!r} is not one of {VECTOR_KIND}, {', '.join(MODEL_KINDS)}")
+        p.append(f"{where}: metadata 'kind' {_short(kind)} is not one of {VECTOR_KIND}, {', '.join(MODEL_KINDS)}")
     if "arch" in meta and meta["arch"] not in ARCHS:
-        p.append(f"{where}: metadata 'arch' {meta['arch']!r} is not one of {', '.join(ARCHS)}")
+        p.append(f"{where}: metadata 'arch' {_short(meta['arch'])} is not one of {', '.join(ARCHS)}")
     if "head" in meta and meta["head"] not in HEADS:
-        p.append(f"{where}: metadata 'head' {meta['head']!r} is not one of {', '.join(HEADS)}")
+        p.append(f"{where}: metadata 'head' {_short(meta['head'])} is not one of {', '.join(HEADS)}")
     c = meta.get("classes")
-    if "classes" in meta and (not isinstance(c, list) or len(c) < 2 or not all(isinstance(x, str) and x for x in c)
-                              or len(set(c)) != len(c)):
-        p.append(f"{where}: metadata 'classes' must be a list of at least 2 distinct names, got {c!r}")
+    if "classes" in meta:
+        if not isinstance(c, list) or not 2 <= len(c) <= MAX_CLASSES or len(set(map(repr, c))) != len(c):
+            p.append(f"{where}: metadata 'classes' must be a list of 2 to {MAX_CLASSES} distinct names, got {_short(c)}")
+        else:
+            p += [line for i, x in enumerate(c) for line in _label(x, f"metadata 'classes[{i}]'", where)]
     sha = meta.get("pretrained_sha256")
     if "pretrained_sha256" in meta and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-        p.append(f"{where}: metadata 'pretrained_sha256' must be 64 hex digits, got {sha!r}")
-    for k, low in (("build_seed", 0), ("image_size", 1), ("sample_count", 0)):
-        v = meta.get(k)
-        if k in meta and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            p.append(f"{where}: metadata '{k}' must be an integer >= {low}, got {v!r}")
+        p.append(f"{where}: metadata 'pretrained_sha256' must be 64 hex digits, got {_short(sha)}")
+    p += _int_problem(meta, "build_seed", 0, MAX_BUILD_SEED, where)
+    p += _int_problem(meta, "image_size", 1, MAX_IMAGE_SIZE, where)
+    p += _int_problem(meta, "sample_count", 0, MAX_COUNT, where)
     if kind == VECTOR_KIND and "sample_count" not in meta:
         p.append(f"{where}: metadata lacks 'sample_count'")
     w = meta.get("weights")
     if "weights" in meta and w not in BUILTIN_WEIGHTS:
         try:
             bare_name(w, f"{where}: metadata 'weights'")
+            p += _label(w, "metadata 'weights'", where)
         except DvlibError as e:
             p.append(str(e))
-    return p
+    return p + _section_problems(meta, where)
 
 
 def _tensors_for_file(sections: Mapping[str, Mapping[str, torch.Tensor]], where: str) -> dict[str, torch.Tensor]:
@@ -147,7 +227,11 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict
         raise DvlibError(f"{path}: metadata is not JSON-serializable ({e})") from None
     with atomic_path(path, suffix=".safetensors", mode=PRIVATE_MODE) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: meta_json, ORDER_KEY: json.dumps(list(tensors))})
-        reader(tmp)  # read back: a file is never renamed into place that a reader would refuse
+        try:  # read back: a file is never renamed into place that a reader would refuse
+            reader(tmp)
+        except DvlibError as e:
+            raise DvlibError(f"{path}: refused on reading it back, nothing was written: "
+                             + str(e).replace(str(tmp), str(path))) from None
     return path
 
 
@@ -179,10 +263,13 @@ def sniff(path: Path) -> None:
     if path.is_dir():
         raise DvlibError(f"{path}: is a folder, not a model file")
     if not path.is_file():
-        raise DvlibError(f"{path}: file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
+        raise DvlibError(f"{path}: file not found" if not path.exists() else f"{path}: not a regular file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise DvlibError(f"{path}: cannot read ({e.strerror or e})") from None
     # a pickle starts with 0x80 (protocol 2+), a torch.save zip with PK; safetensors with an
     # 8-byte header length and then '{'
     if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
@@ -208,7 +295,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
             names = list(f.keys())
             try:
                 order = json.loads(raw.get(ORDER_KEY, "[]"))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 order = []
             if isinstance(order, list) and sorted(map(str, order)) == sorted(names):
                 names = [str(n) for n in order]
@@ -219,8 +306,8 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise DvlibError(f"{path}: not a dvlib model file (no '{META_KEY}' metadata in its header)")
     try:
         meta = json.loads(raw[META_KEY])
-    except json.JSONDecodeError as e:
-        raise DvlibError(f"{path}: corrupt dvlib metadata ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DvlibError(f"{path}: corrupt dvlib metadata ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise DvlibError(f"{path}: corrupt dvlib metadata (not a JSON object)")
     version = meta.get("format_version")
@@ -259,8 +346,16 @@ def load_vector(path: str | os.PathLike) -> VectorFile:
         parts[key], kinds[key] = t, kind
     if PARAM not in kinds.values():
         problems.append(f"{path}: holds no data vector")
+    problems += head_problems({k: t for k, t in parts.items() if kinds[k] == HEAD}, meta["classes"], path, "head/")
     fail(problems, f"bad vector file {path}")
     return VectorFile(DataVector(parts, kinds), meta, path, sha256_file(path))
+
+
+def head_problems(head: Mapping[str, torch.Tensor], classes: list, path, prefix: str = "") -> list[str]:
+    """The new head must have one output per class of the metadata."""
+    return [f"{path}: '{prefix}{k}' has {t.shape[0] if t.dim() else 0} outputs, but the metadata lists "
+            f"{len(classes)} classes" for k, t in head.items()
+            if k.startswith("head.") and (t.dim() == 0 or t.shape[0] != len(classes))]
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:
@@ -269,6 +364,7 @@ def load_model(path: str | os.PathLike) -> ModelFile:
     meta, tensors = read(path)
     if meta["kind"] == VECTOR_KIND:
         raise DvlibError(f"{path}: a site's vector file, not a model file (merge vector files first)")
+    fail(head_problems(tensors, meta["classes"], path), f"bad model file {path}")
     return ModelFile(tensors, meta, path, sha256_file(path))
 
 

@@ -84,6 +84,16 @@ class ImageCache:
             data = data.to(device).permute(0, 3, 1, 2).contiguous()
         return cls(data, images)
 
+    @classmethod
+    def from_nchw(cls, data, images: Sequence[str], device: str | torch.device = "cpu") -> "ImageCache":
+        """A cache from uint8 NCHW data (e.g. :attr:`data` saved earlier), placed as :meth:`build`
+        places it."""
+        data = torch.as_tensor(data)
+        device = torch.device(device)
+        if device.type == "cuda" and not _fits_on_gpu(data.numel(), device):
+            return cls(data.contiguous(), images)
+        return cls(data.to(device).contiguous(), images)
+
     @property
     def side(self) -> int:
         return int(self.data.shape[-1])
@@ -176,13 +186,18 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def batches(cache: ImageCache, rows: torch.Tensor, labels: torch.Tensor | None, batch_size: int, size: int,
             train: bool, generator: torch.Generator | None = None, device=None,
-            channels_last: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+            channels_last: bool | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield (x, y) batches. Training: shuffled (seeded) and augmented; evaluation: in order, centre crop.
 
     Everything random is drawn at the start of the epoch (see the module docstring); the loop itself
-    never waits for the device.
+    never waits for the device. ``channels_last`` None: as dvlib runs networks on the device
+    (:func:`dvlib.train.use_channels_last`).
     """
     device = torch.device(device) if device is not None else cache.data.device
+    if channels_last is None:
+        from dvlib.train import use_channels_last
+
+        channels_last = use_channels_last(device)
     n = len(rows)
     if train and generator is None:
         raise ValueError("training batches need a seeded torch.Generator")

@@ -58,7 +58,12 @@ class LocalData:
 def _agreed_classes(index: DatasetIndex, classes: Sequence[str] | None, source: str) -> list[str]:
     if classes is None:
         return list(index.classes)
+    from dvlib.checks import label_problem
+
     classes = [str(c) for c in classes]
+    bad = [why for c in classes if (why := label_problem(c, f"{source} class name"))]
+    if bad:
+        raise DvlibError(bad[0])
     dup = sorted({c for c in classes if classes.count(c) > 1})
     if dup or len(classes) < 2:
         raise DvlibError(f"{source}: needs at least 2 distinct classes, got {classes}")
@@ -85,8 +90,10 @@ def from_manifest(index: DatasetIndex, manifest: pd.DataFrame, hospital: int | N
 
 
 def site_label(data: str, index: DatasetIndex, site: str | None) -> str:
-    label = site if site else (Path(data).name if Path(data).is_dir() else index.name)
-    if not label or "/" in label or "\\" in label or label.startswith("."):
+    from dvlib.checks import label_problem
+
+    label = site if site else (Path(data).absolute().name if Path(data).is_dir() else index.name)
+    if label_problem(label, "site label") or "/" in label or "\\" in label or label.startswith("."):
         raise DvlibError(f"invalid site label {label!r}: give --site NAME (letters, digits, '-', '_')")
     return label
 
@@ -102,6 +109,8 @@ def open_local(data: str, *, split_seed: int = 0, test_frac: float = 0.2, classe
     from dvlib.split import load_manifest, make_split
 
     data = str(data)
+    if Path(data).exists() and not Path(data).is_dir():
+        raise DvlibError(f"{data}: is a file; give the site's folder (one sub-folder per class holding images)")
     if Path(data).is_dir() and not any(Path(data).iterdir()):
         raise DvlibError(f"{data}: the site folder is empty (expected one sub-folder per class holding images)")
     index = load_dataset(data)

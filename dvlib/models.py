@@ -115,10 +115,20 @@ def build(arch: str = "efficientnet_lite0", num_classes: int = 2, weights: str =
     else:
         sd = load_state_dict_file(weights)
     if sd is not None:
+        ref = backbone.state_dict()
+        missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
+        shapes = [f"'{k}' {tuple(sd[k].shape)} (expected {tuple(ref[k].shape)})" for k in ref
+                  if k in sd and sd[k].shape != ref[k].shape]
+        if missing or extra or shapes:
+            def few(xs):
+                return ", ".join(map(str, xs[:3])) + (f" and {len(xs) - 3} more" if len(xs) > 3 else "")
+            parts = ([f"missing keys {few(missing)}"] if missing else []) + \
+                    ([f"unexpected keys {few(extra)}"] if extra else []) + ([f"shapes {few(shapes)}"] if shapes else [])
+            raise DvlibError(f"weights {weights!r} do not fit {arch}: " + "; ".join(parts))
         try:
             backbone.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise DvlibError(f"weights {weights!r} do not fit {arch}: {e}") from e
+            raise DvlibError(f"weights {weights!r} do not fit {arch}: {e}") from None
     pretrained_sha = state_dict_sha256(backbone.state_dict())
     # the new head is seeded independently of the backbone, so every hospital starts identical
     g = torch.Generator().manual_seed(seed)
@@ -176,22 +186,57 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``.safetensors`` or a torch file with ``weights_only=True``."""
+    """Load a state dict from ``.safetensors`` or a torch file with ``weights_only=True``.
+
+    Whatever the file holds, the outcome is a dict of finite tensors or a :class:`DvlibError` naming
+    the file: a pickle that needs more than tensors is refused (never loaded with code execution).
+    """
+    from dvlib.checks import finite_problems
+
     path = Path(path)
+    if path.is_dir():
+        raise DvlibError(f"weights {path}: is a folder, not a weights file")
     if not path.exists():
         raise DvlibError(f"weights file not found: {path} (expected 'imagenet', 'random' or a path)")
-    if path.suffix == ".safetensors":
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise DvlibError(f"weights {path}: cannot read ({e.strerror or e})") from None
+    if path.suffix == ".safetensors" and head[8:9] == b"{":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DvlibError(f"{path}: cannot load as a state dict with weights_only=True ({e})") from e
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise DvlibError(f"weights {path}: truncated or corrupt safetensors file ({type(e).__name__}: {e})") from None
+    elif path.suffix == ".safetensors" and not (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
+        raise DvlibError(f"weights {path}: not a safetensors file (bad header)")
+    else:
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for a refused pickle
+            # torch's message suggests weights_only=False, i.e. running the file's code: never passed on
+            skip = ("weights_only", "weights only", "check the documentation", "file an issue")
+            detail = next((ln.strip() for ln in str(e).splitlines()
+                           if ln.strip() and not any(w in ln.lower() for w in skip)), "")
+            raise DvlibError(f"weights {path}: refused: not a plain state dict of tensors (dvlib loads weights "
+                             f"files with weights_only=True and never runs code from them"
+                             f"{'; ' + detail if detail else ''})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise DvlibError(f"{path}: holds {type(sd).__name__}, not a state dict")
+        raise DvlibError(f"weights {path}: holds {type(sd).__name__}, not a state dict")
+    bad = sorted(str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise DvlibError(f"weights {path}: holds non-tensor values, e.g. {bad[0]!r}: not a state dict")
+    nonfinite = finite_problems(sd, f"weights {path}")
+    if nonfinite:
+        raise DvlibError(nonfinite[0] + (f" (and {len(nonfinite) - 1} more)" if len(nonfinite) > 1 else ""))
     return sd
 
 

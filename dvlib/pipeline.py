@@ -1,5 +1,6 @@
 """``dvlib run``: execute the numbered notebooks with papermill, render them to HTML.
 
+Notebooks 07 (Flower baselines) and 08 (privacy audit) run only when asked (:data:`EXTRAS`).
 Each notebook gets the same parameters (run, preset, dataset, seeds, train_seeds, device, runs_dir,
 figures_dir)
 and is written, executed, to ``reports/<run>/``; figures go to ``figures/<run>/``. A step whose
@@ -24,13 +25,24 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("04_restore_bn", ("restore_eval", "restore_log")),
     ("05_layerwise_similarity", ("layer_cosine",)),
     ("06_results", ("table_accuracy", "table_balanced_accuracy", "ablation_accuracy")),
+    ("07_federated", ("federated_eval", "federated_log", "federated_checks")),
+    ("08_privacy", ("privacy_audit", "dp_eval", "dp_audit")),
 ]
+# run only when asked (``dvlib run --with federated privacy`` or ``--steps``): hours on a CPU
+EXTRAS = {"federated": "07_federated", "privacy": "08_privacy"}
 
 
 def notebooks_dir() -> Path:
+    """The chain's notebooks: ``$DVLIB_NOTEBOOKS``, else ``notebooks/`` of the project checkout."""
     from dvlib.runs import project_root
 
-    return project_root() / "notebooks"
+    d = Path(os.environ["DVLIB_NOTEBOOKS"]) if os.environ.get("DVLIB_NOTEBOOKS") else project_root() / "notebooks"
+    missing = [name for name, _ in STEPS if not (d / f"{name}.ipynb").is_file()]
+    if missing:
+        raise DvlibError(f"{d}: the notebooks of the chain are not there ({', '.join(missing)}). `dvlib run` runs the "
+                         "project's notebooks: run it in a checkout of the dvlib repository (git clone, then "
+                         "`pip install -e .`), or set DVLIB_NOTEBOOKS=/path/to/dvlib/notebooks")
+    return d
 
 
 def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequence[int] = (0,),
@@ -55,6 +67,8 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
         bad = [s for s in steps if s not in known]
         if bad:
             raise DvlibError(f"unknown steps {bad}; valid: {known}")
+    else:  # the main chain
+        steps = [s for s in known if s not in EXTRAS.values()]
     from dvlib.data.base import DATASETS
 
     if dataset and dataset not in DATASETS and Path(dataset).is_dir():  # a folder: the kernels run in notebooks/
@@ -74,7 +88,8 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
     (reports / "logs").mkdir(parents=True, exist_ok=True)
     with absolute_env_paths():
         records = _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps, overwrite, html, log)
-    publish_results(the_run, reports / "results")
+    default_reports = not reports_dir
+    publish_results(the_run, reports / "results", root / "data" / "splits" / run if default_reports else reports / "splits")
     write_json(reports / "steps.json", records)
     return records
 
@@ -187,15 +202,22 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
     return pm.inspect_notebook(str(path))
 
 
-def publish_results(run, dest: Path) -> Path:
+def publish_results(run, dest: Path, splits: Path | None = None) -> Path:
     """Copy the run's tidy result files next to the rendered notebooks, so that a reviewer (or
-    ``reporting``) can redraw every table and figure from the committed report alone."""
+    ``reporting``) can redraw every table and figure from the committed report alone; and the split
+    manifests to ``splits`` (``data/splits/<run>/`` for the project's reports), so that anyone can
+    check the exact split used."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted((run.dir / "results").glob("*")):
         if f.suffix in (".csv", ".md", ".json", ".gz"):
             shutil.copyfile(f, dest / f.name)
     write_json(dest / "run.json", {**run.settings, "run": run.name, "split_seeds": run.split_seeds,
                                    "train_seeds": run.train_seeds})
+    if splits is not None:
+        splits.mkdir(parents=True, exist_ok=True)
+        for s in run.split_seeds:
+            if run.manifest_path(s).exists():
+                shutil.copyfile(run.manifest_path(s), splits / f"split_{s}.csv")
     return dest
 
 

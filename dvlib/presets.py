@@ -30,6 +30,7 @@ class Preset:
     scheme: str = "iid"
     alpha: float = 0.5
     test_frac: float = 0.2
+    test_design: str = "per_hospital"  # or "shared": the same test patients for every scheme (dvlib.split)
     lam: float = 0.5
     eval_batch_size: int = 256
     n_patients: int = 160  # synthetic only
@@ -56,8 +57,20 @@ class Preset:
         for name in ("image_size", "epochs", "batch_size", "n_hospitals", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise DvlibError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.batch_size) < 2:  # BatchNorm cannot train on one image
+            raise DvlibError(f"batch_size must be >= 2, got {self.batch_size}")
         if not self.lr > 0:
             raise DvlibError(f"lr must be > 0, got {self.lr}")
+        if not self.lam >= 0:  # a negative lambda moves away from what the hospitals learnt
+            raise DvlibError(f"lam must be >= 0, got {self.lam}")
+        if not 0 < self.test_frac < 1:
+            raise DvlibError(f"test_frac must be in (0, 1), got {self.test_frac}")
+        from dvlib.split import SCHEMES, TEST_DESIGNS
+
+        if self.scheme not in SCHEMES:
+            raise DvlibError(f"unknown split scheme {self.scheme!r}; valid: {', '.join(SCHEMES)}")
+        if self.test_design not in TEST_DESIGNS:
+            raise DvlibError(f"unknown test design {self.test_design!r}; valid: {', '.join(TEST_DESIGNS)}")
 
 
 PRESETS: dict[str, Preset] = {

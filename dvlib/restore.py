@@ -61,12 +61,12 @@ def recalibrate_visit(model: "nn.Module", shard: "Shard", *, size: int, reset: b
     """Add one hospital's training images (centre crops) to the BatchNorm statistics, in place."""
     from dvlib.bn import recalibrate_bn
     from dvlib.loader import batches
-    from dvlib.train import prepare, resolve_device
+    from dvlib.train import prepare, resolve_device, use_channels_last
 
     device = resolve_device(device)
     prepare(model, device)
     xs = (x for x, _ in batches(shard.cache, shard.rows, None, batch_size, size, train=False, device=device,
-                                channels_last=device.type == "cuda"))
+                                channels_last=use_channels_last(device)))
     (n,) = recalibrate_bn(model, [xs], device=device, reset=reset)
     model.eval()
     return {"images": n, "batches": -(-n // batch_size), "batch_size": batch_size, "reset": bool(reset)}
@@ -106,3 +106,13 @@ def restore(model: "nn.Module", mode: str, shards: "list[Shard]", **kw) -> list[
             visits.append(visit(model, what, shard, index=len(visits), reset=i == 0, **kw))
     model.eval()
     return visits
+
+
+def table() -> str:
+    """The registry as a Markdown table (docs/methods.md)."""
+    rows = ["| restore mode | label | visits (each round: every hospital in turn) | labels used | what it does | reference |",
+            "|---|---|---|---|---|---|"]
+    for m in MODES.values():
+        rows.append(f"| `{m.name}` | {m.label} | {', '.join(m.visits) or '–'} | {'yes' if m.uses_labels else 'no'} | "
+                    f"{m.description} | {m.reference} |")
+    return "\n".join(rows)

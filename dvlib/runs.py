@@ -94,8 +94,13 @@ class Run:
             finally:
                 _HELD[key] -= 1
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.dir / ".lock", "a+")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.dir / ".lock", "a+")
+        except OSError as e:
+            from dvlib.io import _write_error
+
+            raise _write_error(self.dir / ".lock", e) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -125,6 +130,57 @@ def _seeds_on_disk(run_dir: Path, pattern: str) -> list[int]:
                   and p.name.split("_", 1)[1].isdigit())
 
 
+def _check_name(name: str) -> None:
+    from dvlib.checks import label_problem
+
+    if not isinstance(name, str) or label_problem(name, "run name") or "/" in name or "\\" in name \
+            or name.startswith("."):
+        raise DvlibError(f"invalid run name {name!r}: use letters, digits, '-' and '_'")
+
+
+def _stored_settings(cfg_path: Path) -> dict | None:
+    if not cfg_path.exists():
+        return None
+    stored = read_json(cfg_path)
+    if not isinstance(stored, dict) or not isinstance(stored.get("preset"), str):
+        raise DvlibError(f"{cfg_path}: not a run's settings (a JSON object with a 'preset'); "
+                         "remove the run folder or choose another run name")
+    return {k: v for k, v in stored.items() if k not in ("dvlib_version", "provenance")}
+
+
+def _preset(base: str, where: Path | None, **fields) -> dict:
+    """The settings of preset ``base`` with ``fields``, each of the type the preset has (a run.json
+    is a file like any other: a field of another type is named, never used)."""
+    try:
+        ref = get_preset(base)
+        for k, v in fields.items():
+            want = type(getattr(ref, k, None))
+            if not hasattr(ref, k) or v is None:
+                continue
+            ok = isinstance(v, want) and not (isinstance(v, bool) and want is not bool)
+            if want is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok:
+                raise DvlibError(f"setting {k!r} must be of type {want.__name__}, got {v!r}")
+        return {"preset": base, **get_preset(base, **fields).to_dict()}
+    except (TypeError, ValueError) as e:  # a DvlibError too
+        raise DvlibError(f"{where}: {e}" if where is not None else str(e)) from None
+
+
+def _wanted(stored: dict | None, preset: str | None, overrides: dict, cfg_path: Path) -> dict | None:
+    """The settings asked for (None: those stored, as nothing was asked)."""
+    if preset is None and not overrides:
+        return None
+    base = preset or stored["preset"]
+    if stored is not None and base == stored["preset"]:
+        kept = {k: v for k, v in stored.items() if k != "preset"}
+        wanted = _preset(base, cfg_path, **{**kept, **overrides})
+    else:
+        wanted = _preset(base, None, **overrides)
+    wanted.pop("name", None)
+    return wanted
+
+
 def open_run(name: str, preset: str | None = None, *, seeds: Sequence[int] | None = None,
              train_seeds: Sequence[int] | None = None, root: str | os.PathLike | None = None,
              device: str = "auto", overwrite: bool = False, **overrides) -> Run:
@@ -133,45 +189,79 @@ def open_run(name: str, preset: str | None = None, *, seeds: Sequence[int] | Non
     An existing run keeps its settings: a ``preset`` or override given must equal the stored one,
     else the call is refused, unless ``overwrite`` (the run is started afresh) or the run holds no
     output yet (a failed first step never blocks the corrected command). Seeds are replicates, not
-    settings: by default those on disk, else split seed 0 and the preset's training seed.
+    settings: by default those on disk, else split seed 0 and the preset's training seed. Creating
+    or starting afresh happens under the run's lock: never while another command works on it.
     """
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise DvlibError(f"invalid run name {name!r}: use letters, digits, '-' and '_'")
+    _check_name(name)
     root = Path(root) if root else runs_root()
     run_dir, cfg_path = root / name, root / name / "run.json"
     overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
-    stored = read_json(cfg_path) if cfg_path.exists() else None
+    stored = _stored_settings(cfg_path)
     if stored is None and preset is None:
         raise DvlibError(f"run {name!r} does not exist in {root}; give a preset to create it")
-    if stored is not None:
-        stored = {k: v for k, v in stored.items() if k not in ("dvlib_version", "provenance")}
-    settings = stored
-    if preset is not None or overrides:
-        base = preset or stored["preset"]
-        if stored is not None and base == stored["preset"]:
-            kept = {k: v for k, v in stored.items() if k != "preset"}
-            wanted = {"preset": base, **get_preset(base, **{**kept, **overrides}).to_dict()}
-        else:
-            wanted = {"preset": base, **get_preset(base, **overrides).to_dict()}
-        wanted.pop("name", None)
-        if stored is not None and wanted != stored:
-            diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-            if _has_outputs(run_dir) and not overwrite:
-                raise DvlibError(f"{cfg_path}: run {name!r} exists with other settings ({', '.join(diff)}); choose "
-                                 "another run name, or pass overwrite=True (--overwrite) to start it afresh")
-            run = Run(name, root, stored, [], [])
-            with run.lock():
+    wanted = _wanted(stored, preset, overrides, cfg_path)
+    if stored is None or (wanted is not None and wanted != stored):
+        with Run(name, root, {}, [], []).lock():
+            stored = _stored_settings(cfg_path)  # again, now that no other command can change it
+            wanted = _wanted(stored, preset, overrides, cfg_path) if stored is not None else wanted
+            if stored is not None and wanted is not None and wanted != stored:
+                diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+                if _has_outputs(run_dir) and not overwrite:
+                    raise DvlibError(f"{cfg_path}: run {name!r} exists with other settings ({', '.join(diff)}); "
+                                     "choose another run name, or pass overwrite=True (--overwrite) to start it "
+                                     "afresh")
                 for p in run_dir.iterdir():
                     if p.name != ".lock":
                         shutil.rmtree(p) if p.is_dir() else p.unlink()
-            stored = None
-        settings = wanted
-    if stored is None:
-        from dvlib import __version__
+                stored = None
+            if stored is None:
+                from dvlib import __version__
 
-        write_json(cfg_path, {**settings, "dvlib_version": __version__})
-    p = get_preset(settings["preset"], **{k: v for k, v in settings.items() if k != "preset"})
+                write_json(cfg_path, {**wanted, "dvlib_version": __version__})
+    settings = stored if wanted is None else wanted
+    p = _preset(settings["preset"], cfg_path, **{k: v for k, v in settings.items() if k != "preset"})
     split_seeds = list(seeds) if seeds else (_seeds_on_disk(run_dir, "split_*") or [0])
     first = run_dir / f"split_{split_seeds[0]}"
-    train = list(train_seeds) if train_seeds else (_seeds_on_disk(first, "train_*") or [p.seed])
+    train = list(train_seeds) if train_seeds else (_seeds_on_disk(first, "train_*") or [p["seed"]])
     return Run(name, root, settings, [int(s) for s in split_seeds], [int(t) for t in train], device)
+
+
+@contextlib.contextmanager
+def using_run(name: str, preset: str | None = None, *, root: str | os.PathLike | None = None,
+              **kw) -> Iterator[Run]:
+    """:func:`open_run`, and the run's lock held for the whole block (a command): no other command
+    can start the run afresh, or work on it, meanwhile. If the block fails (or is interrupted) while
+    the run holds no output, the run is left as it was found: a folder this call created is removed,
+    a ``run.json`` it wrote is restored."""
+    _check_name(name)
+    root = Path(root) if root else runs_root()
+    run_dir, cfg_path = root / name, root / name / "run.json"
+    existed, root_existed, lock_existed = run_dir.exists(), root.exists(), (run_dir / ".lock").exists()
+    before = cfg_path.read_bytes() if cfg_path.is_file() else None
+    undo = False
+    with Run(name, root, {}, [], []).lock():
+        try:
+            yield open_run(name, preset, root=root, **kw)
+        except BaseException:
+            undo = not _has_outputs(run_dir)
+            if undo and existed:
+                if before is None:
+                    cfg_path.unlink(missing_ok=True)
+                elif not cfg_path.is_file() or cfg_path.read_bytes() != before:
+                    from dvlib.io import atomic_path
+
+                    with contextlib.suppress(Exception), atomic_path(cfg_path) as tmp:
+                        tmp.write_bytes(before)
+            elif undo:
+                for p in run_dir.iterdir():
+                    if p.name != ".lock":
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                if undo and not lock_existed:
+                    (run_dir / ".lock").unlink()
+                if undo and not existed:
+                    run_dir.rmdir()
+                    if not root_existed:
+                        root.rmdir()

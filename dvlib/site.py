@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from dvlib import restore, stages
-from dvlib.checks import finite_number, integer
+from dvlib.checks import MAX_IMAGE_SIZE, distinct_outputs, fail, finite_number, integer, nonfinite_keys
 from dvlib.coordinator import check_out, open_model
 from dvlib.files import BUILTIN_WEIGHTS, VECTOR_KIND, save_model
-from dvlib.io import DvlibError, write_csv, write_json
+from dvlib.io import DvlibError, all_or_nothing, check_writable, write_csv, write_json
 from dvlib.local import LocalData
 
 
@@ -103,7 +103,8 @@ def restore_site(model_path: str | os.PathLike, local: LocalData, out: str | os.
         if local.label in current:
             raise DvlibError(f"site {local.label!r} already contributed to these BatchNorm statistics (visits: "
                              f"{current}); its images would count twice. Use --allow-revisit only if this is other data")
-    size = integer(image_size if image_size is not None else meta["image_size"], "image size", low=1)
+    size = integer(image_size if image_size is not None else meta["image_size"], "image size", low=1,
+                   high=MAX_IMAGE_SIZE)
     batch = integer(batch_size if batch_size is not None else
                     (restore.BN_BATCH if mode == "recalibrate" else _source_value(meta, "batch_size", 32)),
                     "batch size", low=2)  # BatchNorm needs more than one image
@@ -113,6 +114,11 @@ def restore_site(model_path: str | os.PathLike, local: LocalData, out: str | os.
     rec = restore.visit(model, mode, shard, index=len(visits), reset=reset, seed=integer(seed, "seed"), size=size,
                         batch_size=batch, lr=lr, num_classes=len(local.classes), device=dev, progress=progress)
     rec.update(subset=subset, split=local.split)
+    bad = nonfinite_keys(model.state_dict())
+    if bad:  # finite weights can still overflow on real images; such a model is never written
+        fail([f"'{k}' holds {what}" for k, what in bad.items()],
+             f"{model_path}: the {mode} visit at site {local.label!r} gives a model that is not finite; "
+             "nothing was written")
     visits.append(rec)
     new = {**{k: v for k, v in meta.items() if k not in ("format_version", "dvlib_version")}, "kind": "restored",
            "restore_visits": visits, "bn_images": sum(v["images"] for v in current_accumulation(visits))}
@@ -137,7 +143,9 @@ def evaluate_sites(model_path: str | os.PathLike, locals_: Sequence[LocalData], 
     for d in locals_:
         if list(d.classes) != list(meta["classes"]):
             raise DvlibError(f"{d.label}: classes {d.classes} differ from the model's {meta['classes']}")
-    size = integer(image_size if image_size is not None else meta["image_size"], "image size", low=1)
+    size = integer(image_size if image_size is not None else meta["image_size"], "image size", low=1,
+                   high=MAX_IMAGE_SIZE)
+    batch_size = integer(batch_size, "batch size", low=1)
     dev = resolve_device(device)
     rows, _ = stages.evaluate(model, [d.shard(subset, size, dev) for d in locals_], size=size,
                               batch_size=batch_size, device=dev)
@@ -151,17 +159,28 @@ def evaluate_sites(model_path: str | os.PathLike, locals_: Sequence[LocalData], 
     return table, record
 
 
-def write_evaluation(prefix: str | os.PathLike, table: pd.DataFrame, record: dict) -> list[Path]:
-    """``<prefix>.eval.csv``, ``.eval.json`` and ``.confusion.png`` (pooled, or the only site)."""
+def evaluation_paths(prefix: str | os.PathLike) -> list[Path]:
+    """What :func:`write_evaluation` writes for ``prefix``."""
+    prefix = Path(prefix)
+    if not prefix.name or prefix.name in (".", ".."):
+        raise DvlibError(f"{prefix}: give an output prefix with a file name part, e.g. eval/merged")
+    return [check_writable(prefix.with_name(prefix.name + s)) for s in (".eval.csv", ".eval.json", ".confusion.png")]
+
+
+def write_evaluation(prefix: str | os.PathLike, table: pd.DataFrame, record: dict,
+                     inputs: dict | None = None) -> list[Path]:
+    """``<prefix>.eval.csv``, ``.eval.json`` and ``.confusion.png`` (pooled, or the only site): all
+    three or none. ``inputs``: ``{what: path}`` the outputs must not replace."""
     from dvlib.reporting import plot_confusion
 
-    prefix = Path(prefix)
-    paths = [prefix.with_name(prefix.name + s) for s in (".eval.csv", ".eval.json", ".confusion.png")]
-    write_csv(paths[0], table)
-    write_json(paths[1], record)
-    last = record["results"][-1]
-    plot_confusion(np.asarray(last["confusion"]), record["classes"], paths[2],
-                   title=f"{record['model']} on {last['eval_on']} ({record['subset']}, n={last['n']})")
+    paths = evaluation_paths(prefix)
+    distinct_outputs({str(p): p for p in paths}, inputs or {})
+    with all_or_nothing():
+        write_csv(paths[0], table)
+        write_json(paths[1], record)
+        last = record["results"][-1]
+        plot_confusion(np.asarray(last["confusion"]), record["classes"], paths[2],
+                       title=f"{record['model']} on {last['eval_on']} ({record['subset']}, n={last['n']})")
     return paths
 
 
@@ -172,5 +191,12 @@ def format_metrics(m: dict) -> str:
             f"macro_f1={f(m['macro_f1'])} auc_ovr={f(m['auc_ovr'])}")
 
 
-__all__ = ["finetune_site", "restore_site", "evaluate_sites", "write_evaluation", "format_metrics",
-           "current_accumulation"]
+__all__ = [
+    "current_accumulation",
+    "evaluate_sites",
+    "evaluation_paths",
+    "finetune_site",
+    "format_metrics",
+    "restore_site",
+    "write_evaluation",
+]

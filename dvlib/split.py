@@ -22,11 +22,20 @@ from dvlib.io import DvlibError, atomic_path
 
 MANIFEST_COLUMNS = ["image", "patient", "label", "hospital", "subset"]
 SCHEMES = ("iid", "dirichlet")
+TEST_DESIGNS = ("per_hospital", "shared")
 
 
 def make_split(index: DatasetIndex, n_hospitals: int = 4, scheme: str = "iid", alpha: float = 0.5,
-               test_frac: float = 0.2, seed: int = 0, allow_missing_classes: bool = False) -> pd.DataFrame:
-    """Return the manifest for ``index`` split over ``n_hospitals`` hospitals."""
+               test_frac: float = 0.2, seed: int = 0, allow_missing_classes: bool = False,
+               test_design: str = "per_hospital") -> pd.DataFrame:
+    """Return the manifest for ``index`` split over ``n_hospitals`` hospitals.
+
+    ``test_design``: ``per_hospital`` (each hospital holds out its own patients, the paper's) or
+    ``shared`` (the test patients are drawn from all patients first, so every scheme with the same
+    seed has the same pooled test set and the same pooled training set; each hospital's test split
+    is its share of them)."""
+    if test_design not in TEST_DESIGNS:
+        raise DvlibError(f"unknown test design {test_design!r}; valid: {', '.join(TEST_DESIGNS)}")
     rec = index.records
     n_pat = rec["patient"].nunique()
     if scheme not in SCHEMES:
@@ -47,7 +56,9 @@ def make_split(index: DatasetIndex, n_hospitals: int = 4, scheme: str = "iid", a
     manifest = pd.DataFrame({"image": rec["image"], "patient": rec["patient"], "label": rec["label"],
                              "hospital": hospital.astype(int) + 1, "subset": "train"})
     n_folds = max(2, int(round(1.0 / test_frac)))
-    for h in range(1, n_hospitals + 1):
+    if test_design == "shared":  # chosen before, and apart from, the hospitals: the same for every scheme
+        manifest.loc[_stratified_groups(manifest, n_folds, seed + 999, pick=0), "subset"] = "test"
+    for h in range(1, n_hospitals + 1) if test_design == "per_hospital" else ():
         part = manifest[manifest["hospital"] == h]
         if len(part):
             test_mask = _stratified_groups(part, n_folds, seed + 1000 + h - 1, pick=0)
@@ -151,6 +162,11 @@ def load_manifest(path: str | os.PathLike, classes: list[str] | None = None) -> 
     from dvlib.io import read_csv
 
     m = read_csv(path, dtype={"image": str, "patient": str, "label": str, "subset": str})
+    if m.empty:
+        raise DvlibError(f"{path}: the manifest lists no images")
+    blank = [c for c in MANIFEST_COLUMNS if c in m.columns and m[c].isna().any()]
+    if blank:
+        raise DvlibError(f"{path}: column {blank[0]!r} has empty cells (row {int(m.index[m[blank[0]].isna()][0]) + 2})")
     if "hospital" in m.columns:
         try:
             m["hospital"] = m["hospital"].astype(int)

@@ -70,12 +70,10 @@ def export(model: nn.Module, pretrained: Mapping[str, torch.Tensor]) -> DataVect
     return DataVector.between(state, pretrained, key_kinds(state, model))
 
 
-def evaluate(model: nn.Module, shards: Sequence, *, size: int, batch_size: int = 128, device="auto",
-             pooled: bool = True) -> tuple[list[dict], pd.DataFrame]:
-    """Metrics of ``model`` on each shard (``eval_on`` = the shard's name) and on all together
-    (``pooled``); plus one row per image (eval_on, image id, label, prediction, probability of the
-    true class) for paired statistics. Images sharing a cache are predicted in
-    one pass."""
+def predict_shards(model: nn.Module, shards: Sequence, *, size: int, batch_size: int = 128,
+                   device="auto") -> list[np.ndarray]:
+    """Class probabilities [n_i, C] of each shard's images, in shard order; shards sharing a cache are
+    predicted in one pass (one batch sequence over their rows together)."""
     from dvlib.train import predict
 
     probs: dict[int, np.ndarray] = {}
@@ -85,8 +83,14 @@ def evaluate(model: nn.Module, shards: Sequence, *, size: int, batch_size: int =
                     device=device)
         for s, part in zip(group, np.split(p, np.cumsum([len(s) for s in group])[:-1])):
             probs[id(s)] = part
-    classes = list(range(model.num_classes))
-    parts = [(s.name, s.labels.numpy(), probs[id(s)]) for s in shards]
+    return [probs[id(s)] for s in shards]
+
+
+def score(shards: Sequence, probs: Sequence[np.ndarray], num_classes: int,
+          pooled: bool = True) -> tuple[list[dict], pd.DataFrame]:
+    """:func:`evaluate`'s metrics and per-image rows from the probabilities of each shard."""
+    classes = list(range(num_classes))
+    parts = [(s.name, s.labels.numpy(), p) for s, p in zip(shards, probs)]
     if pooled and len(shards) > 1:
         parts.append(("pooled", np.concatenate([y for _, y, _ in parts]), np.concatenate([p for _, _, p in parts])))
     rows = []
@@ -98,3 +102,13 @@ def evaluate(model: nn.Module, shards: Sequence, *, size: int, batch_size: int =
                                      "label": y, "pred": p.argmax(1), "p_true": p[np.arange(len(y)), y]})
                        for s, (_, y, p) in zip(shards, parts)], ignore_index=True)
     return rows, preds
+
+
+def evaluate(model: nn.Module, shards: Sequence, *, size: int, batch_size: int = 128, device="auto",
+             pooled: bool = True) -> tuple[list[dict], pd.DataFrame]:
+    """Metrics of ``model`` on each shard (``eval_on`` = the shard's name) and on all together
+    (``pooled``); plus one row per image (eval_on, image id, label, prediction, probability of the
+    true class) for paired statistics. Images sharing a cache are predicted in one pass
+    (:func:`predict_shards`, then :func:`score`)."""
+    probs = predict_shards(model, shards, size=size, batch_size=batch_size, device=device)
+    return score(shards, probs, model.num_classes, pooled)

@@ -1,10 +1,16 @@
 """Fine-tuning and evaluation.
 
 Adam, weighted cross-entropy (inverse class frequency of the hospital's training split), batched
-GPU-friendly augmentation (:mod:`dvlib.loader`), bf16 autocast + channels_last on CUDA, fp32 on CPU,
-seeded. :func:`fit` never waits for the device while training: losses are summed on the device and
-epochs timed with CUDA events, all read back once at the end. ``torch.compile`` is opt-in
+GPU-friendly augmentation (:mod:`dvlib.loader`), bf16 autocast + channels_last model on CUDA, fp32 on
+CPU, seeded. Networks and batches are channels_last on every device (:func:`use_channels_last`: on a
+CPU, oneDNN's channels_last convolutions train EfficientNet-Lite0 about 1.4x and run inference about
+2x faster than NCHW). :func:`fit` never waits for the device while training: losses are summed on the
+device and epochs timed with CUDA events, all read back once at the end. ``torch.compile`` is opt-in
 (``fit(compile=True)`` or ``DVLIB_COMPILE=1``).
+
+``DVLIB_PLAIN=1`` selects the plain paths (NCHW batches on a CPU; in :mod:`dvlib.experiment`, every
+evaluation recomputed and images decoded in every process), against which tests check the fast ones.
+:func:`work` counts the images this process has trained on and run forward (for compute floors).
 """
 from __future__ import annotations
 
@@ -45,16 +51,56 @@ def class_weights(labels, num_classes: int, allow_missing: bool = False) -> torc
     return torch.tensor(w, dtype=torch.float32)
 
 
+def plain() -> bool:
+    """``DVLIB_PLAIN=1``: the plain paths, for checking the fast ones (see the module docstring)."""
+    return os.environ.get("DVLIB_PLAIN", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def use_channels_last(device: torch.device | str) -> bool:
+    """Whether dvlib runs networks channels_last on ``device`` (:func:`prepare` converts the model,
+    :func:`dvlib.loader.batches` makes channels_last batches): on every device, on a CPU too, where
+    oneDNN's channels_last kernels are the fast ones; not in the :func:`plain` path. Results differ
+    from NCHW by float rounding only; a channels_last model gives the same bits whatever the layout
+    of its input batches."""
+    return torch.device(device).type == "cuda" or not plain()
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def autocast(device: torch.device | str):
+    """The autocast context of every dvlib forward pass on ``device``: bf16 on CUDA, none (fp32) on a
+    CPU, where bf16 is slower without native bf16 instructions (``bench_train.py --knobs`` measures
+    it). For the benchmark's raw step, which must run what :func:`fit` runs."""
+    return _autocast(torch.device(device))
+
+
+_WORK = {"train_images": 0, "train_steps": 0, "forward_images": 0, "forward_batches": 0,
+         "recalibration_images": 0, "recalibration_batches": 0}
+
+
+def work() -> dict[str, int]:
+    """Images this process has trained on (:func:`fit`), run forward for predictions
+    (:func:`predict`) and for BatchNorm recalibration (:func:`dvlib.bn.recalibrate_bn`), and their
+    batches: what a compute floor counts. Subtract two snapshots to count a stretch of work."""
+    return dict(_WORK)
+
+
+def count_work(kind: str, images: int, batches: int = 1) -> None:
+    """Add to :func:`work` (``kind``: ``train``, ``forward`` or ``recalibration``)."""
+    _WORK[f"{kind}_images"] += int(images)
+    _WORK[f"{kind}_{'steps' if kind == 'train' else 'batches'}"] += int(batches)
+
+
 def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``, channels_last where :func:`use_channels_last` says so."""
     model.to(device)
-    if device.type == "cuda":
+    if use_channels_last(device):
         model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return model
 
@@ -153,10 +199,10 @@ def fit(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torch.T
         total = torch.zeros((), device=device)
         n = 0
         for x, y in batches(cache, rows, labels, batch_size, size, train=True, generator=gen, device=device,
-                            channels_last=device.type == "cuda", drop_last=True):
+                            channels_last=use_channels_last(device), drop_last=True):
             if graphs:  # a new training step: the previous replay's outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            with _autocast(device):
+            with autocast(device):
                 loss = crit(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -164,6 +210,7 @@ def fit(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torch.T
             total += loss.detach() * len(y)
             n += len(y)
         clock.mark()
+        count_work("train", n, -(-n // batch_size))
         totals.append(total)
         counts.append(n)
         if progress and device.type != "cuda":  # free on a CPU; on a GPU it would wait every epoch
@@ -193,9 +240,10 @@ def predict(model: nn.Module, cache: ImageCache, rows: torch.Tensor, *, size: in
     outs = []
     with torch.inference_mode():
         for x, _ in batches(cache, rows, None, batch_size, size, train=False, device=device,
-                            channels_last=device.type == "cuda"):
-            with _autocast(device):
+                            channels_last=use_channels_last(device)):
+            with autocast(device):
                 outs.append(model(x).float())
+        count_work("forward", len(rows), len(outs))
         if not outs:
             return np.zeros((0, getattr(model, "num_classes", 0)), np.float32)
         return torch.cat(outs).softmax(-1).cpu().numpy()

@@ -76,3 +76,21 @@ def smoke_chain(tmp_path_factory):
     records = run_chain("t-smoke", "smoke", seeds=[0], device="cpu", log=lambda *_: None,
                         notebook_params={"lambdas": CHAIN_LAMBDAS}, **dirs)
     return base, records
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A small BatchNorm CNN with a new 3-class head (random weights, seed 0)."""
+    from dvlib.models import build
+
+    return build("smallcnn", num_classes=3, weights="random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pair(net):
+    """(pretrained, fine-tuned) state dicts: small seeded movements, counters advanced."""
+    pre = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    ft = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 3)
+          for k, v in pre.items()}
+    return pre, ft

@@ -1,6 +1,7 @@
 """benchmarks/bench_train.py in --quick mode on the CPU (smallcnn, synthetic data, seconds): the JSON
-has every field, with positive numbers. No timing thresholds: this machine is small and shared.
-Also: the numpy metrics that replaced scikit-learn's calls (a speed edit) give scikit-learn's numbers."""
+has every field, with positive numbers, and the protocol's work and floors add up. No timing
+thresholds: this machine is small and shared. Also: the numpy metrics that replaced scikit-learn's
+calls (a speed edit) give scikit-learn's numbers."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,7 +17,7 @@ import pytest
 from dvlib.metrics import compute_metrics
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-STEPS = ("split", "cache", "finetune", "merge", "restore", "similarity")
+STEPS = ("split", "cache", "finetune", "merge", "lambda", "bn_policy", "restore", "similarity")
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +90,74 @@ def test_quick_protocol_numbers(quick_result):
     p = quick_result[0]["protocol"]
     assert p["preset"] == "smoke" and p["arch"] == "smallcnn" and p["weights"] == "random"
     assert p["dataset"] == "synthetic" and p["n_hospitals"] == 2 and p["image_size"] == 32
-    assert p["weights_note"]
-    assert set(p["steps_s"]) == set(STEPS)
-    assert all(_positive(p["steps_s"][s]) for s in STEPS)
+    assert p["weights_note"] and p["restore_modes"] == ["none", "recalibrate", "finetune_epoch"]
+    assert set(p["steps_s"]) == set(STEPS) == set(p["work"]) == set(p["floor_s"]) == set(p["breakdown"])
+    assert all(_positive(p["steps_s"][s]) for s in STEPS) and _positive(p["open_run_s"])
     assert _positive(p["total_s"]) and p["total_s"] >= sum(p["steps_s"].values()) * 0.999
-    assert p["finetune_images"] > 0 and _positive(p["finetune_fit_s"]) and _positive(p["finetune_fit_img_per_s"])
-    assert _positive(p["first_epoch_s_mean"])
-    for k in ("fit", "predict", "compute_metrics", "models.build", "save_checkpoint", "merge"):
-        assert p["breakdown"][k]["calls"] > 0 and _positive(p["breakdown"][k]["seconds"]), k
+    assert p["finetune_images"] > 0 and _positive(p["finetune_step_img_per_s"])
     # 2 hospitals: 3 fine-tuned models; merge: 6 methods + 11 lambdas + 3 BN policies; restore: 7 x 3
     ev = p["evaluations"]
     rows_per_eval = p["n_hospitals"] + 1
     assert ev["finetune_eval"] == 3 * rows_per_eval
     assert ev["merge_eval"] == 6 * rows_per_eval and ev["lambda_eval"] == 11 * rows_per_eval
-    assert ev["restore_eval"] == 21 * rows_per_eval
+    assert ev["bn_policy_eval"] == 3 * rows_per_eval and ev["restore_eval"] == 21 * rows_per_eval
+
+
+def test_quick_protocol_work_and_floor(quick_result):
+    p = quick_result[0]["protocol"]
+    w = p["work"]
+    assert w["split"]["train_images"] == w["split"]["forward_images"] == 0
+    assert w["finetune"]["train_images"] == p["finetune_images"]  # fit's own count, every epoch of every model
+    test_images = p["images"] - p["train_images"]
+    for step, n in (("merge", 6), ("lambda", 11), ("bn_policy", 3)):
+        assert w[step]["evaluations_computed"] + w[step]["evaluations_reused"] == n, step
+        assert w[step]["forward_images"] == w[step]["evaluations_computed"] * test_images, step
+        assert w[step]["train_images"] == w[step]["recalibration_images"] == 0, step
+    # weights evaluated before are not evaluated again: lambda 0.5 and BN policy 'mean' are
+    # merged_data_vector; restore 'none' of each merged model is that model
+    assert w["lambda"]["evaluations_reused"] >= 1 and w["bn_policy"]["evaluations_reused"] >= 1
+    r = w["restore"]
+    assert r["evaluations_computed"] + r["evaluations_reused"] == 21 and r["evaluations_reused"] >= 6
+    assert r["forward_images"] == r["evaluations_computed"] * test_images
+    assert r["recalibration_images"] == r["train_images"] == 7 * p["train_images"]  # 7 sources, every hospital once
+    assert r["recalibration_batches"] > 0 and r["train_steps"] > 0
+    raw = p["raw"]
+    for k in ("train_img_per_s", "eval_img_per_s", "recalibration_img_per_s"):
+        assert _positive(raw[k]) and _positive(raw["before"][k]) and _positive(raw["after"][k])
+        assert raw[k] == pytest.approx((raw["before"][k] + raw["after"][k]) / 2)
+    for step in STEPS:
+        want = (w[step].get("train_images", 0) / raw["train_img_per_s"]
+                + w[step].get("forward_images", 0) / raw["eval_img_per_s"]
+                + w[step].get("recalibration_images", 0) / raw["recalibration_img_per_s"])
+        assert p["floor_s"][step] == pytest.approx(want), step
+    assert p["floor_s"]["split"] == p["floor_s"]["cache"] == p["floor_s"]["similarity"] == 0
+    assert all(_positive(p["floor_s"][s]) for s in ("finetune", "merge", "restore"))
+    assert p["floor_total_s"] == pytest.approx(sum(p["floor_s"].values()))
+    assert p["ratio_to_floor"] == pytest.approx(p["total_s"] / p["floor_total_s"])
+    assert [(x["step"], x["protocol_s"], x["floor_s"]) for x in p["per_step"]] == \
+        [(s, p["steps_s"][s], p["floor_s"][s]) for s in STEPS]
+
+
+def test_knobs(bench, tmp_path):
+    res = bench.main(["--quick", "--device", "cpu", "--image-size", "32", "--no-protocol", "--no-throughput",
+                      "--knobs", "--knob-threads", "1", "--knob-eval-batches", "8", "16", "--steps", "1", "--warmup",
+                      "0", "--out", str(tmp_path / "k.json")])
+    k = res["knobs"]
+    assert k["sizes"]["image_size"] == 32 and k["sizes"]["bn_batch_size"] == 64
+    kinds = [(r["knob"], r.get("layout") or r.get("batch_size") or r.get("adam")) for r in k["rows"]]
+    assert kinds == [("layout", "channels_last"), ("layout", "nchw"), ("dvlib", None), ("eval_batch", 8),
+                     ("eval_batch", 16), ("bf16_inference", None), ("adam", "single_tensor"), ("adam", "foreach"),
+                     ("adam", "fused")]
+    for r in k["rows"]:
+        assert r["threads"] == 1
+        for part in ("raw_train", "raw_eval", "raw_recalibrate", "fit", "predict"):
+            if part in r:
+                assert _positive(r[part]["img_per_s"]), (r["knob"], part)
+    assert set(k["choice"]) == {"threads", "layout", "eval_batch", "adam", "bf16_inference"}
+    e = k["bf16_error"]
+    assert 0 <= e["max_abs_prob_diff"] <= 1 and 0 <= e["argmax_agreement"] <= 1 and e["images"] > 0
+    assert math.isfinite(e["bn_running_var_max_rel_diff"])
+    assert json.loads((tmp_path / "k.json").read_text())["complete"] is True
 
 
 def test_no_protocol_and_default_output_name(bench, tmp_path, monkeypatch):

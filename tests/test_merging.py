@@ -16,7 +16,7 @@ from dvlib import merge
 from dvlib.checks import negative_variance_keys
 from dvlib.io import DvlibError
 from dvlib.methods import BN_MODES, METHODS, random_like
-from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, key_kinds, keys_of
+from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, key_kinds, keys_of
 
 
 def layer_norms(sd: dict) -> dict:

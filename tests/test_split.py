@@ -147,3 +147,17 @@ def test_unusable_splits_are_refused_naming_the_hospital_and_the_seed(allow_miss
             if not allow_missing:
                 assert set(part[part["subset"] == "train"]["label"]) == set(index.records["label"]), (seed, h)
     assert accepted and refused  # both cases happen: the test is not vacuous
+
+
+def test_shared_test_design_gives_every_scheme_the_same_test_patients():
+    index = fake_index(200, 4)
+    iid = make_split(index, 4, seed=2, test_design="shared")
+    dir_ = make_split(index, 4, scheme="dirichlet", alpha=1.0, seed=2, test_design="shared", allow_missing_classes=True)
+    test = lambda m: set(m.loc[m["subset"] == "test", "image"])  # noqa: E731
+    assert test(iid) == test(dir_) and 0.1 < len(test(iid)) / len(index) < 0.3
+    assert not iid.set_index("image")["hospital"].equals(dir_.set_index("image").loc[iid["image"], "hospital"])
+    assert (iid.groupby("patient")[["hospital", "subset"]].nunique() == 1).all().all()
+    per_hospital = make_split(index, 4, seed=2)
+    assert test(per_hospital) != test(iid)
+    with pytest.raises(DvlibError, match="unknown test design 'global'"):
+        make_split(index, 4, test_design="global")

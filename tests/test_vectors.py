@@ -10,22 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dvlib.io import DvlibError
-from dvlib.models import build
 from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, key_kinds, keys_of
 
 
-@pytest.fixture(scope="module")
-def net():
-    return build("smallcnn", num_classes=3, weights="random", seed=0)
-
-
-@pytest.fixture(scope="module")
-def pair(net):
-    pre = {k: v.clone() for k, v in net.state_dict().items()}
-    g = torch.Generator().manual_seed(5)
-    ft = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 3)
-          for k, v in pre.items()}
-    return pre, ft
 
 
 # ------------------------------------------------------------------------------------------- kinds

@@ -3,27 +3,31 @@ from __future__ import annotations
 
 import argparse
 
-from dvlib.cli.common import OVERRIDES, add_override_args
+from dvlib.cli.common import LAM, OVERRIDES, SEED, add_override_args
+from dvlib.pipeline import EXTRAS
 
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="execute the notebook chain (split → finetune → merge → restore → "
                                    "similarity → results) with papermill",
-                       description="Execute notebooks/01..06 with papermill into reports/<run>/ (executed "
+                       description="Execute notebooks/01..06 (and 07, 08 with --with) with papermill into reports/<run>/ (executed "
                                    ".ipynb + HTML, per-step logs) and figures/<run>/. Steps whose outputs "
                                    "exist are skipped unless --overwrite.")
     p.add_argument("--run", help="run name (default: <preset>-<dataset>)")
     p.add_argument("--preset", default="quick", help="smoke, quick or paper (default: quick)")
     p.add_argument("--dataset", default="", help="dataset (default: the preset's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="split seeds: which patients go to which "
+    p.add_argument("--seeds", type=SEED, nargs="+", default=None, help="split seeds: which patients go to which "
                                                                       "hospital (default 0)")
-    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
+    p.add_argument("--train-seeds", type=SEED, nargs="+", default=None,
                    help="training seeds per split (default: the preset's seed)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--runs-dir", default="", help="folder of run folders (default: runs/)")
     p.add_argument("--reports-dir", default="", help="executed notebooks (default: reports/<run>/)")
     p.add_argument("--figures-dir", default="", help="figures (default: figures/<run>/)")
     p.add_argument("--steps", nargs="+", help="only these notebooks, e.g. 03_merge 06_results")
+    p.add_argument("--with", dest="extras", nargs="+", default=[], choices=sorted(EXTRAS),
+                   help="also run these notebooks after the chain: federated (07, Flower's FedAvg/FedBN; needs "
+                        "the fl extra) and privacy (08, membership inference and DP-SGD; needs the privacy extra)")
     p.add_argument("--overwrite", action="store_true", help="re-run steps whose outputs exist")
     p.add_argument("--no-html", action="store_true", help="skip HTML rendering")
     add_override_args(p)
@@ -33,7 +37,7 @@ def register(sub) -> None:
                    help="02: fine-tune in parallel, one process per device, e.g. cuda:0 cuda:1 (default: every "
                         "visible GPU when --device is auto and there are several)")
     n.add_argument("--methods", nargs="+", metavar="METHOD", help="03: merge methods")
-    n.add_argument("--lambdas", nargs="+", type=float, metavar="LAM", help="03: lambda sweep of the data-vector merge")
+    n.add_argument("--lambdas", nargs="+", type=LAM, metavar="LAM", help="03: lambda sweep of the data-vector merge")
     n.add_argument("--restore-modes", nargs="+", metavar="MODE", help="04: restore modes to compare")
     n.add_argument("--finetune-methods", nargs="+", metavar="METHOD",
                    help="04: methods that get the training-based restore")
@@ -54,7 +58,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     name = args.run or f"{args.preset}-{(dataset or p.dataset).replace('/', '_')}"
     extra = {k: getattr(args, k) for k in OVERRIDES if k != "dataset" and getattr(args, k, None) is not None}
     nb_params = {k: getattr(args, k) for k in NOTEBOOK_PARAMS if getattr(args, k) is not None}
+    steps = args.steps
+    if args.extras:
+        from dvlib.pipeline import STEPS
+
+        steps = (steps or [s for s, _ in STEPS if s not in EXTRAS.values()]) + [EXTRAS[e] for e in args.extras]
     run_chain(name, args.preset, dataset, seeds, args.train_seeds, args.device, args.runs_dir, args.reports_dir,
-              args.figures_dir, overwrite=args.overwrite, steps=args.steps, html=not args.no_html, extra=extra,
+              args.figures_dir, overwrite=args.overwrite, steps=steps, html=not args.no_html, extra=extra,
               notebook_params=nb_params)
     return 0

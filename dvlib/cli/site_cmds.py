@@ -9,6 +9,8 @@ import argparse
 import json
 
 from dvlib import methods, restore
+from dvlib.cli.common import BATCH, FRACTION, IMAGE_SIZE, LAM, LR, POSITIVE, SEED, int_in
+from dvlib.io import DvlibError, all_or_nothing
 from dvlib.presets import PRESETS
 
 _DATA_HELP = ("local images: a folder with one sub-folder per class (optional patients.csv mapping file "
@@ -22,9 +24,9 @@ def add_local_args(p: argparse.ArgumentParser, split_default: str = "recorded") 
     g = p.add_argument_group("local split (the same at every command of a site)")
     g.add_argument("--manifest", metavar="CSV", help="a saved split (columns image, patient, label, hospital, "
                                                      "subset), e.g. written by --save-split; reused as it is")
-    g.add_argument("--hospital", type=int, help="with --manifest: the hospital whose rows are this site's")
-    g.add_argument("--split-seed", type=int, help=f"seed of the patient-disjoint train/test split (default: {split_default})")
-    g.add_argument("--test-frac", type=float, help=f"fraction of patients held out for testing (default: {split_default})")
+    g.add_argument("--hospital", type=int_in(0), help="with --manifest: the hospital whose rows are this site's")
+    g.add_argument("--split-seed", type=SEED, help=f"seed of the patient-disjoint train/test split (default: {split_default})")
+    g.add_argument("--test-frac", type=FRACTION, help=f"fraction of patients held out for testing (default: {split_default})")
 
 
 def register(sub) -> None:
@@ -49,12 +51,12 @@ def register(sub) -> None:
     p.add_argument("--arch", help="efficientnet_lite0, resnet50 or smallcnn (default: the preset's)")
     p.add_argument("--weights", help="pretrained weights: imagenet, random or a path; every site the same")
     p.add_argument("--head", choices=["append", "replace"], help="head mode (default: the preset's)")
-    p.add_argument("--image-size", type=int, help="crop size in pixels")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs")
-    p.add_argument("--batch-size", type=int, help="batch size")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--seed", type=int, help="training seed: shuffling, augmentation (default: the preset's)")
-    p.add_argument("--head-seed", type=int, default=0, help="seed of the new head, the same at every site (default 0)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, help="crop size in pixels")
+    p.add_argument("--epochs", type=POSITIVE, help="fine-tuning epochs")
+    p.add_argument("--batch-size", type=BATCH, help="batch size")
+    p.add_argument("--lr", type=LR, help="Adam learning rate")
+    p.add_argument("--seed", type=SEED, help="training seed: shuffling, augmentation (default: the preset's)")
+    p.add_argument("--head-seed", type=SEED, default=0, help="seed of the new head, the same at every site (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=cmd_finetune)
@@ -71,11 +73,11 @@ def register(sub) -> None:
                    help="; ".join(f"{m}: {restore.MODES[m].description}" for m in restore.VISITS))
     p.add_argument("--subset", default="train", choices=["train", "all"],
                    help="local images used: the train split (default; keeps the local test split unseen) or all")
-    p.add_argument("--batch-size", type=int, help=f"batch size (default: {restore.BN_BATCH} to recalibrate, the "
+    p.add_argument("--batch-size", type=BATCH, help=f"batch size (default: {restore.BN_BATCH} to recalibrate, the "
                                                   "sites' training batch size for an epoch)")
-    p.add_argument("--image-size", type=int, help="crop size (default: the model's)")
-    p.add_argument("--lr", type=float, help="learning rate of finetune_epoch (default: the sites')")
-    p.add_argument("--seed", type=int, default=0, help="seed of finetune_epoch's shuffling (default 0)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, help="crop size (default: the model's)")
+    p.add_argument("--lr", type=LR, help="learning rate of finetune_epoch (default: the sites')")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of finetune_epoch's shuffling (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--allow-revisit", action="store_true",
                    help="let a site label contribute twice to the same BatchNorm statistics")
@@ -89,7 +91,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="model file to write, e.g. merged.safetensors")
     p.add_argument("--method", default="data_vector", choices=list(methods.METHODS),
                    help="; ".join(f"{m.name}: {m.formula}" for m in methods.METHODS.values()))
-    p.add_argument("--lam", type=float, help="lambda, >= 0 (default: the method's; "
+    p.add_argument("--lam", type=LAM, help="lambda, >= 0 (default: the method's; "
                    + ", ".join(f"{m.name} {m.lam:g}" for m in methods.METHODS.values() if m.lam is not None) + ")")
     p.add_argument("--bn-buffers", default="mean", choices=methods.BN_MODES,
                    help="BatchNorm statistics of the merged model before restore (default: mean)")
@@ -97,7 +99,7 @@ def register(sub) -> None:
                                      "in the files; must match their sha256")
     p.add_argument("--weights-dir", action="append", default=[], metavar="DIR",
                    help="a folder to look in for the weights file the sites name (never a path from a file)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random methods (random_vector, dare)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of random methods (random_vector, dare)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="print the metadata a model or vector file carries",
@@ -109,33 +111,45 @@ def register(sub) -> None:
 
 def open_local_from(args, classes=None, meta: dict | None = None, source: str = "--classes"):
     """The site's images as the flags say; the split defaults to what ``meta`` records."""
-    from dvlib.checks import finite_number
     from dvlib.local import open_local
 
-    rec = (meta or {}).get("split") or {}
+    rec = (meta or {}).get("split") or {}  # types and ranges checked when the file was read
     seed = args.split_seed if args.split_seed is not None else int(rec.get("seed", 0) or 0)
     frac = args.test_frac if args.test_frac is not None else float(rec.get("test_frac", 0.2) or 0.2)
-    finite_number(frac, "--test-frac", low=0.0, high=1.0)
     return open_local(args.data, split_seed=seed, test_frac=frac, classes=classes, manifest=args.manifest,
                       hospital=args.hospital, site=args.site, source=source)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from dvlib import stages
-    from dvlib.files import save_vector
+    from dvlib.checks import distinct_outputs
+    from dvlib.coordinator import check_out
+    from dvlib.files import BUILTIN_WEIGHTS, save_vector
+    from dvlib.io import check_writable
     from dvlib.presets import get_preset
     from dvlib.site import finetune_site, format_metrics
     from dvlib.split import save_manifest
 
     over = {k: getattr(args, k) for k in ("arch", "weights", "head", "image_size", "epochs", "batch_size", "lr")}
     p = get_preset(args.preset, **over)
+    if args.save_split is not None and Path(args.save_split).suffix != ".csv":
+        raise DvlibError(f"{args.save_split}: --save-split writes a .csv file")
+    check_out(args.out, [], "the vector file")  # before the training, not after it
+    if args.save_split is not None:
+        check_writable(args.save_split)
+    distinct_outputs({"--out": args.out, "--save-split": args.save_split},
+                     {"--weights": p.weights if p.weights not in BUILTIN_WEIGHTS else None,
+                      "--manifest": args.manifest, "patients.csv of --data": Path(args.data) / "patients.csv"})
     local = open_local_from(args, classes=args.classes)
     seed = args.seed if args.seed is not None else p.seed
     tau, meta = finetune_site(local, stages.TrainSettings.from_preset(p), seed=seed, build_seed=args.head_seed,
                               device=args.device, progress=args.progress, preset=args.preset)
-    save_vector(args.out, tau, meta)
-    if args.save_split:
-        save_manifest(local.manifest, args.save_split)
+    with all_or_nothing():
+        save_vector(args.out, tau, meta)
+        if args.save_split:
+            save_manifest(local.manifest, args.save_split)
     print(f"site {meta['site']}: {meta['sample_count']} training / {meta['test_count']} test images "
           f"(split: {json.dumps(local.split)}), {meta['arch']} ({meta['weights']}, head {meta['head']}), "
           f"{meta['hyperparameters']['epochs']} epochs")

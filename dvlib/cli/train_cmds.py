@@ -5,7 +5,8 @@ import argparse
 
 import pandas as pd
 
-from dvlib.cli.common import add_run_args, open_from_args
+from dvlib.cli.common import FRACTION, IMAGE_SIZE, SEED, add_run_args, int_in, run_from_args
+from dvlib.io import DvlibError
 
 
 def register(sub) -> None:
@@ -38,13 +39,13 @@ def register(sub) -> None:
     d.add_argument("--subset", "--split", dest="subset", default="all", choices=["all", "test", "train"],
                    help="all images (default), or each folder's own test/train split as the site made it")
     d.add_argument("--manifest", metavar="CSV", help="a saved split to use instead of making one (one --data)")
-    d.add_argument("--hospital", type=int, nargs="+", help="with --manifest: the hospital(s) whose rows to use, each "
+    d.add_argument("--hospital", type=int_in(0), nargs="+", help="with --manifest: the hospital(s) whose rows to use, each "
                                                           "evaluated, and pooled")
-    d.add_argument("--split-seed", type=int, help="seed of the local split (default: the model's recorded one, else 0)")
-    d.add_argument("--test-frac", type=float, help="test fraction of the local split (default: recorded, else 0.2)")
+    d.add_argument("--split-seed", type=SEED, help="seed of the local split (default: the model's recorded one, else 0)")
+    d.add_argument("--test-frac", type=FRACTION, help="test fraction of the local split (default: recorded, else 0.2)")
     d.add_argument("--site", help="site label (one --data)")
     p.add_argument("--out", help="output prefix for <out>.eval.csv, .eval.json, .confusion.png (default: next to the model)")
-    p.add_argument("--image-size", type=int, help="crop size (default: the model's)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, help="crop size (default: the model's)")
     p.add_argument("--weights", help="pretrained weights for a vector file (imagenet, random or a path)")
     p.add_argument("--weights-dir", action="append", default=[], metavar="DIR", help="folder holding the weights file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
@@ -63,8 +64,8 @@ def cmd_split(args: argparse.Namespace) -> int:
 
     if args.strict:
         load_dataset(args.dataset or get_preset(args.preset).dataset, strict=True)
-    run = open_from_args(args)
-    table = step_split(run)
+    with run_from_args(args) as run:
+        table = step_split(run)
     print(f"run {run.name}: manifests in {run.dir}")
     _print(table)
     return 0
@@ -73,12 +74,15 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dvlib.experiment import step_finetune, step_split
 
-    run = open_from_args(args)
-    step_split(run)
     targets = None
     if args.hospitals:
+        bad = [h for h in args.hospitals if h != "full" and not h.isdigit()]
+        if bad:
+            raise DvlibError(f"--hospitals: {bad[0]!r} is neither a hospital number nor 'full'")
         targets = ["full" if h == "full" else f"hospital_{int(h)}" for h in args.hospitals]
-    table = step_finetune(run, targets, progress=args.progress, devices=args.devices)
+    with run_from_args(args) as run:  # held from the split to the last model: nobody starts it afresh meanwhile
+        step_split(run)
+        table = step_finetune(run, targets, progress=args.progress, devices=args.devices)
     if targets is not None:
         table = table[table["model"].isin(targets)]
     cols = ["split_seed", "train_seed", "model", "eval_on", "n", "accuracy", "balanced_accuracy", "macro_f1", "auc_ovr"]
@@ -89,10 +93,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dvlib.checks import distinct_outputs
     from dvlib.cli.site_cmds import open_local_from
     from dvlib.coordinator import open_model
-    from dvlib.io import DvlibError
-    from dvlib.site import evaluate_sites, write_evaluation
+    from dvlib.site import evaluate_sites, evaluation_paths, write_evaluation
 
     if not args.data:
         raise DvlibError("evaluate: give --data DIR [DIR ...] (a run's models are evaluated by its steps)")
@@ -105,10 +109,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             args.data, args.hospital = d, h
             locals_.append(open_local_from(args, classes=meta["classes"], meta=meta,
                                            source=f"the classes of {args.model}"))
+    prefix = Path(args.out) if args.out else Path(args.model).with_suffix("")
+    inputs = {"the model": args.model, "--manifest": args.manifest,
+              **({"--weights": args.weights} if args.weights not in (None, "imagenet", "random") else {})}
+    distinct_outputs({str(p): p for p in evaluation_paths(prefix)}, inputs)  # before the work, not after
     table, record = evaluate_sites(args.model, locals_, subset=args.subset, device=args.device,
                                    image_size=args.image_size, weights=args.weights, weights_dirs=args.weights_dir)
-    prefix = Path(args.out) if args.out else Path(args.model).with_suffix("")
-    paths = write_evaluation(prefix, table, record)
+    paths = write_evaluation(prefix, table, record, inputs)
     _print(table.drop(columns=["model"]).round(4))
     print("wrote " + ", ".join(map(str, paths)))
     return 0

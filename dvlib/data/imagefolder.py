@@ -11,12 +11,15 @@ import pandas as pd
 
 from dvlib.data.base import DatasetIndex, register
 from dvlib.data.pad_ufes import IMAGE_EXTS
-from dvlib.io import DvlibError
+from dvlib.io import DvlibError, read_csv
 
 
 @register("imagefolder", "your own images: <root>/imagefolder/<class>/*.png|jpg (+ optional patients.csv)")
 def load_imagefolder(folder: Path, patients_csv: str | None = None, strict: bool = False) -> DatasetIndex:
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DvlibError(f"{folder}: cannot read the folder ({e.strerror or e})") from None
     if len(classes) < 2:
         raise DvlibError(f"{folder}: needs at least 2 class sub-folders, found {classes}")
     rows = []
@@ -31,10 +34,18 @@ def load_imagefolder(folder: Path, patients_csv: str | None = None, strict: bool
     csv = Path(patients_csv) if patients_csv else folder / "patients.csv"
     info: dict = {}
     if csv.exists():
-        table = pd.read_csv(csv, dtype=str)
+        table = read_csv(csv, dtype=str, keep_default_na=False)
         if not {"image", "patient"} <= set(table.columns):
-            raise DvlibError(f"{csv}: needs columns image, patient; has {list(table.columns)}")
-        mapping = dict(zip(table["image"].map(lambda s: Path(s).stem), table["patient"]))
+            raise DvlibError(f"{csv}: needs columns image, patient; has {list(table.columns)[:10]}")
+        blank = table.index[(table["image"].str.strip() == "") | (table["patient"].str.strip() == "")]
+        if len(blank):
+            raise DvlibError(f"{csv}: row {int(blank[0]) + 2} has an empty image or patient "
+                             f"({len(blank)} such rows)")
+        stems_csv = table["image"].map(lambda s: Path(s).stem)
+        clash = table.assign(stem=stems_csv).groupby("stem")["patient"].nunique()
+        if (clash > 1).any():
+            raise DvlibError(f"{csv}: image {clash.index[clash > 1][0]!r} is listed with different patients")
+        mapping = dict(zip(stems_csv, table["patient"]))
         stems = records["path"].map(lambda s: Path(s).stem)
         known = stems.isin(mapping.keys())
         info["images_without_patient"] = int((~known).sum())

@@ -11,10 +11,17 @@ and writes one tidy results file (plus per-image predictions for paired statisti
 
 Every model is evaluated on each hospital's own test split (``eval_on`` = ``hospital_<i>``, the
 paper's Part Index i) and on all test images together (``pooled``).
+
+With ``DVLIB_WORK_LOG=FILE`` each step appends one JSON line to FILE: its wall time and the images
+this process trained on and ran forward during it (:func:`dvlib.train.work`), and the evaluations
+computed and reused; ``benchmarks/bench_train.py`` turns them into compute floors.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 import time
 import warnings
 from typing import Iterable, Sequence
@@ -26,7 +33,7 @@ from dvlib import models, provenance, restore
 from dvlib.methods import METHODS, run_lam
 from dvlib.coordinator import merge_files
 from dvlib.experiment.parallel import finetune_devices, run_parallel
-from dvlib.experiment.session import dataset_index, replicate
+from dvlib.experiment.session import dataset_index, evaluation_counts, plain, replicate
 from dvlib.files import load_model, load_vector, save_model, save_vector
 from dvlib.io import DvlibError, atomic_path, write_csv
 from dvlib.merging import BN_MODES, merge
@@ -59,8 +66,29 @@ def _body(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith(models.HEAD_PREFIX)}
 
 
+def _work_logged(step):
+    """Append the step's work to ``$DVLIB_WORK_LOG`` (see the module docstring), if set."""
+    @functools.wraps(step)
+    def wrapper(run: Run, *args, **kwargs):
+        path = os.environ.get("DVLIB_WORK_LOG")
+        if not path:
+            return step(run, *args, **kwargs)
+        from dvlib.train import work
+
+        w0, e0, t0 = work(), evaluation_counts(), time.perf_counter()
+        out = step(run, *args, **kwargs)
+        w1, e1 = work(), evaluation_counts()
+        record = {"step": step.__name__, "run": run.name, "pid": os.getpid(), "seconds": time.perf_counter() - t0,
+                  **{k: w1[k] - w0[k] for k in w1}, **{f"evaluations_{k}": e1[k] - e0[k] for k in e1}}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return out
+    return wrapper
+
+
 # --- 1. split -------------------------------------------------------------------------------------
 
+@_work_logged
 def step_split(run: Run) -> pd.DataFrame:
     """Write each split seed's manifest once (reused afterwards); the shard table of all of them."""
     p = run.preset
@@ -77,7 +105,7 @@ def step_split(run: Run) -> pd.DataFrame:
                                      f"e.g. {sorted(unknown)[0]!r}")
             else:  # non-IID hospitals may lack classes: that is the point; their weight is then 0
                 manifest = make_split(index, p.n_hospitals, p.scheme, p.alpha, p.test_frac, seed=s,
-                                      allow_missing_classes=p.scheme == "dirichlet")
+                                      allow_missing_classes=p.scheme == "dirichlet", test_design=p.test_design)
                 save_manifest(manifest, path)
             tables.append(shard_table(manifest, index.classes).assign(split_seed=s))
         table = pd.concat(tables, ignore_index=True)
@@ -105,6 +133,7 @@ def finetune_one(run: Run, split_seed: int, train_seed: int, target: str, device
     return time.perf_counter() - t0
 
 
+@_work_logged
 def step_finetune(run: Run, targets: Iterable[str] | None = None, overwrite: bool = False,
                   progress: bool = False, devices: Sequence[str] | None = None, log=note) -> pd.DataFrame:
     """Fine-tune every hospital's model and Full Training (files that exist are kept unless
@@ -166,6 +195,7 @@ def _hospital_files(run: Run, s: int, t: int) -> list:
 
 # --- 3. merge ---------------------------------------------------------------------------------------
 
+@_work_logged
 def step_merge(run: Run, methods: Sequence[str] = ALL_METHODS) -> pd.DataFrame:
     """``dvlib merge`` of the hospitals' files with every method (the run's lambda for the data-vector
     family, BN statistics averaged); each merged model evaluated as the coordinator wrote it."""
@@ -190,6 +220,7 @@ def _taus(run: Run, s: int, t: int) -> list[DataVector]:
     return [load_vector(p).tau for p in _hospital_files(run, s, t)]
 
 
+@_work_logged
 def step_lambda(run: Run, lambdas: Sequence[float] = LAMBDAS) -> pd.DataFrame:
     """``theta_pre + lam * sum(tau_i)`` against lam, no restore. Descriptive: evaluated on the test
     splits, so it must not be used to choose lambda."""
@@ -205,6 +236,7 @@ def step_lambda(run: Run, lambdas: Sequence[float] = LAMBDAS) -> pd.DataFrame:
         return _save(run, "lambda_eval", rows)
 
 
+@_work_logged
 def step_bn_policy(run: Run, policies: Sequence[str] = BN_MODES) -> pd.DataFrame:
     """The data-vector merge with each BatchNorm-buffer policy (no restore), negative variances counted."""
     rows = []
@@ -232,12 +264,17 @@ def restored_tag(method: str, mode: str) -> str:
 SAVED_RESTORES = ("data_vector", "params_mean")  # kept on disk: Figure 2 and the command-line check use them
 
 
+@_work_logged
 def step_restore(run: Run, methods: Sequence[str] = ("pretrained",) + ALL_METHODS,
                  modes: Sequence[str] = tuple(restore.MODES), finetune_methods: Sequence[str] | None = None,
                  progress: bool = False) -> pd.DataFrame:
     """Each restore mode applied to each merged model (and to the bare pretrained model, which shows
     what the restore alone does) as the hospitals run it: ``dvlib site restore`` at hospital 1, then
-    2, ... on their training images. ``finetune_methods`` limits the training modes to some methods."""
+    2, ... on their training images. ``finetune_methods`` limits the training modes to some methods.
+
+    Modes that begin with the same rounds of visits share them: ``recalibrate+finetune_epoch``
+    continues from ``recalibrate``'s model instead of recalibrating again (the same visits from the
+    same model: the same result). ``none`` evaluates the merged file as it is."""
     rows, preds, logs = [], [], []
     with run.lock():
         for s, t in run.replicates:
@@ -250,15 +287,23 @@ def step_restore(run: Run, methods: Sequence[str] = ("pretrained",) + ALL_METHOD
                 else:
                     mf = load_model(r.path(f"merged_{method}"))
                     src, meta = mf.state, mf.meta
-                for mode in modes:
-                    if restore.get(mode).uses_labels and finetune_methods and method not in finetune_methods:
-                        continue
+                todo = [mode for mode in modes
+                        if not (restore.get(mode).uses_labels and finetune_methods and method not in finetune_methods)]
+                rounds = [restore.get(mode).visits for mode in todo]
+                # rounds another mode goes on from (none in the plain path: each mode from the start)
+                shared = set() if plain() else {v[:i] for v in rounds for i in range(1, len(v))}
+                done: dict[tuple, tuple[dict, dict]] = {(): (src, meta)}
+                for mode, visits in zip(todo, rounds):
                     note(f"restore {method} with {mode} (split {s}, train {t})")
-                    model, m = r.model_from(src), meta
-                    for what in restore.get(mode).visits:
+                    start = max(i for i in range(len(visits) + 1) if visits[:i] in done)
+                    state, m = done[visits[:start]]
+                    model = r.model_from(state)
+                    for i in range(start, len(visits)):
                         for h in r.hospitals:
-                            m = restore_site(None, r.local(h), None, mode=what, seed=t, model=model, meta=m,
+                            m = restore_site(None, r.local(h), None, mode=visits[i], seed=t, model=model, meta=m,
                                              device=r.device, progress=progress)
+                        if visits[:i + 1] in shared:
+                            done[visits[:i + 1]] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, m)
                     tag = restored_tag(method, mode)
                     if mode != "none" and method in SAVED_RESTORES:
                         save_model(r.path(tag), {k: v.detach().cpu() for k, v in model.state_dict().items()}, m)
@@ -279,6 +324,7 @@ FIG2_MODELS = ("merged_data_vector", "merged_params_mean", "restored_data_vector
                "restored_data_vector_finetune_epoch", "restored_params_mean_finetune_epoch")
 
 
+@_work_logged
 def step_similarity(run: Run) -> pd.DataFrame:
     """Figure 2 data: per convolution layer (network order), the cosine similarity to Full Training's
     data vector of each hospital's and of the merged models' (before and after restore)."""

@@ -98,7 +98,8 @@ def claims_table(results, metric: str = "accuracy", restore_mode: str = "finetun
     out = pd.DataFrame({
         "cells won/tied/lost (sign p)": df["cells W/T/L"] + " (p=" + df["sign p"].map("{:.2g}".format) + ")",
         "pooled difference, pp [95 % t-interval]": df.apply(
-            lambda r: f"{r['pooled diff (pp)']:+.1f} [{r['t low']:+.1f}, {r['t high']:+.1f}]", axis=1),
+            lambda r: f"{r['pooled diff (pp)']:+.1f}" + (f" [{r['t low']:+.1f}, {r['t high']:+.1f}]"
+                                                        if np.isfinite(r["t low"]) else ""), axis=1),
         "p (t, Holm)": df.get("t p (Holm)", pd.Series(np.nan, index=df.index)).map("{:.2g}".format),
         "test-set noise only, pp [95 % bootstrap]": df.apply(
             lambda r: f"[{r['boot low']:+.1f}, {r['boot high']:+.1f}]" if np.isfinite(r.get("boot low", np.nan)) else "–",
@@ -115,8 +116,36 @@ def headline(results, metric: str = "accuracy", restore_mode: str = "finetune_ep
     df = claims_frame(results, metric, restores=(restore_mode,))
     lines = [f"{METRIC_LABELS[metric]}, merged models restored with {RESTORE_LABELS[restore_mode]}:"]
     for _, r in df.iterrows():
-        lines.append(f"- vs {PAPER_COLUMNS[r['rival']]}: {r['pooled diff (pp)']:+.1f} points pooled "
-                     f"[{r['t low']:+.1f}, {r['t high']:+.1f}] over {r['replicates']} replicates (Holm p="
-                     f"{r.get('t p (Holm)', float('nan')):.2g}); cells won/tied/lost {r['cells W/T/L']} "
-                     f"(sign p={r['sign p']:.2g}): {verdict(r)}.")
+        ci = f" [{r['t low']:+.1f}, {r['t high']:+.1f}]" if np.isfinite(r["t low"]) else ""
+        lines.append(f"- vs {PAPER_COLUMNS[r['rival']]}: {r['pooled diff (pp)']:+.1f} points pooled{ci} over "
+                     f"{r['replicates']} replicate(s) (Holm p={r.get('t p (Holm)', float('nan')):.2g}); cells "
+                     f"won/tied/lost {r['cells W/T/L']} (sign p={r['sign p']:.2g}): {verdict(r)}.")
     return "\n".join(lines)
+
+
+def variance_table(runs: dict, metric: str = "accuracy", eval_on: str = "pooled") -> pd.DataFrame:
+    """How much of a model's spread comes from the split and how much from training: for each run
+    (label -> results folder) and model (Full Training; the data-vector merge after each restore), a
+    one-way random-effects decomposition over replicates (:func:`dvlib.stats.variance_components`),
+    in percentage points (standard deviations)."""
+    rows = []
+    for label, results in runs.items():
+        ft = load_results(results, "finetune_eval")
+        frames = {"Full Training": ft[ft["method"] == "full_training"]}
+        try:
+            rs = load_results(results, "restore_eval")
+            for r in ("none", "recalibrate", "finetune_epoch"):
+                frames[f"Data Vector ({RESTORE_LABELS[r]})"] = rs[(rs["method"] == "data_vector") & (rs["restore"] == r)]
+        except Exception:  # noqa: BLE001 - a run of Full Training alone has no restore results
+            pass
+        for model, df in frames.items():
+            df = df[df["eval_on"] == eval_on]
+            if df.empty or df["train_seed"].nunique() < 2 or df["split_seed"].nunique() < 2:
+                continue
+            v = stats.variance_components(df, metric)
+            rows.append({"run": label, "model": model, "replicates": len(df), "splits": v["n_splits"],
+                         f"mean {metric} (%)": round(v["mean"] * 100, 1),
+                         "sd from the split (pp)": round(np.sqrt(v["var_split"]) * 100, 2),
+                         "sd from training (pp)": round(np.sqrt(v["var_train"]) * 100, 2),
+                         "share of variance from the split": round(v["share_split"], 2)})
+    return pd.DataFrame(rows)

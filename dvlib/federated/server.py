@@ -1,0 +1,310 @@
+"""The ServerApp: the coordinator. It runs a list of jobs over the same hospitals, one after the other.
+
+- ``data_vector``: one exchange. Every hospital fine-tunes for its full local epochs and sends its
+  data vector once (it builds the pretrained model itself, as in the file workflow: nothing is sent
+  down). The server writes the vectors as vector files and merges them with
+  ``dvlib.coordinator.merge_files`` (``dvlib merge``: every check; lambda from the config, heads and
+  BatchNorm statistics averaged). Then the restore (``restore``: ``recalibrate``, ``finetune_epoch``,
+  ...): the merged model visits the hospitals one after another (a second, sequential round).
+- ``fedavg-R`` / ``fedbn-R``: Flower's FedAvg over R rounds of epochs/R local epochs
+  (:mod:`dvlib.federated.strategies`), starting from the pretrained model.
+
+With ``warmup``, a ``query`` first lets every hospital open its images and build its model, so that
+no job's seconds include that. After each job the final model goes to every hospital (``evaluate``; FedBN: each with its own
+statistics) and each scores it on its own test split. Settings come from the run config (Flower's
+``[tool.flwr.app.config]``, ``flwr run -c``) or, in the simulation (whose run config is empty),
+from ``overrides``. Results: into ``sink`` (simulation: the ServerApp runs in the calling process)
+and, with ``out-dir``, as files: ``<out-dir>/<job>/`` holds the vector files, the merged and restored
+model files (data vector) or ``model.safetensors`` (FedAvg; FedBN's shared part), and ``<job>.json``
+(ledger, evaluation metrics, seconds).
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from dvlib.federated.ledger import Ledger, site_of
+from dvlib.federated.records import (
+    json_record,
+    record_tensors,
+    record_vector,
+    tensors_record,
+)
+from dvlib.io import DvlibError, write_json
+from dvlib.progress import note
+
+DEFAULTS: dict[str, Any] = {
+    "jobs": "data_vector",       # space-separated: data_vector, fedavg-<R>, fedbn-<R>
+    "restore": "recalibrate",    # the data vector's restore mode (dvlib.restore.MODES)
+    "settings": "",              # JSON of dvlib.stages.TrainSettings: what every hospital trains with
+    "classes": "",               # JSON list: the agreed classes, in label order
+    "preset": "",
+    "train-seed": 0,             # the replicate's training seed (heads, and every hospital's seeds)
+    "split-seed": 0,
+    "lam": 0.5,
+    "num-nodes": 2,              # wait for this many SuperNodes
+    "run-dir": "",               # simulation: the run whose manifest defines the hospitals
+    "reuse": True,               # let hospitals reuse identical results (dvlib.federated.hospital)
+    "threads": 0,                # torch threads at the hospitals (0: leave as is)
+    "device": "cpu",
+    "out-dir": "",
+    "timeout": 3600.0,           # seconds to wait for one round's replies
+    "poll-interval": 0.2,        # reply polling (Flower's deployment Grid sleeps 3 s between pulls)
+    "evaluate": True,
+    "warmup": False,             # first a query to every hospital: it opens its data and builds its model (simulation)
+    "fedbn-affine": False,       # FedBN: keep the BatchNorm weights local too (the FedBN paper's variant)
+}
+SITE_LABEL = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+CLIENT_KEYS = ("settings", "classes", "preset", "train-seed", "split-seed", "run-dir", "reuse", "threads", "device")
+
+
+def parse_jobs(text: str) -> list[tuple[str, str, int]]:
+    """``"data_vector fedavg-2"`` -> [(job, kind, rounds)]."""
+    out = []
+    for job in str(text).split():
+        kind, _, r = job.partition("-")
+        if kind == "data_vector" and not r:
+            out.append((job, kind, 1))
+        elif kind in ("fedavg", "fedbn") and r.isdigit() and int(r) >= 1:
+            out.append((job, kind, int(r)))
+        else:
+            raise DvlibError(f"unknown job {job!r}: use data_vector, fedavg-<R> or fedbn-<R>")
+    return out
+
+
+def client_config(cfg: dict, **extra) -> ConfigRecord:
+    return json_record(**{k: cfg[k] for k in CLIENT_KEYS}, **extra)
+
+
+class PollingGrid(Grid):
+    """Flower's Grid, polling for replies every ``poll`` seconds (the deployment runtime's Grid sleeps
+    a fixed 3 s between pulls); only the public Grid API is used."""
+
+    def __init__(self, inner: Grid, poll: float):
+        self.inner, self.poll = inner, poll
+
+    def set_run(self, run):
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages):
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages:
+            return []
+        ids = set(self.inner.push_messages(messages))
+        end = time.time() + (timeout or 0.0)
+        out: list[Message] = []
+        while ids and (timeout is None or time.time() < end):
+            got = list(self.inner.pull_messages(ids))
+            out.extend(got)
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            if ids:
+                time.sleep(self.poll)
+        return out
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    t = time.time()
+    while len(ids := sorted(grid.get_node_ids())) < n:
+        if time.time() - t > timeout:
+            raise DvlibError(f"only {len(ids)} of {n} hospitals (SuperNodes) connected after {timeout:.0f} s")
+        time.sleep(0.2)
+    return ids
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float, what: str) -> list[Message]:
+    """Send, wait for every reply, refuse errors; replies in hospital order."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    errors = [m.error.reason for m in replies if m.has_error()]
+    if errors or len(replies) != len(messages):
+        raise DvlibError(f"{what}: {len(replies) - len(errors)}/{len(messages)} hospitals replied; errors: {errors}")
+    return sorted(replies, key=site_of)
+
+
+def _message(content: dict, node: int, kind: str, group: str) -> Message:
+    return Message(RecordDict(content), dst_node_id=node, message_type=kind, group_id=group)
+
+
+def data_vector_job(grid: Grid, cfg: dict, nodes: list[int], job: str, work: Path) -> dict:
+    from dvlib import restore
+    from dvlib.coordinator import merge_files
+    from dvlib.files import load_model, save_model, save_vector
+
+    ledger, timeout, t0 = Ledger(job), float(cfg["timeout"]), time.perf_counter()
+    msgs = [_message({"config": client_config(cfg, kind="data_vector", job=job)}, n, MessageType.TRAIN, f"{job}/1")
+            for n in nodes]
+    ledger.sent("1", msgs)
+    replies = exchange(grid, msgs, timeout, "data-vector exchange")
+    ledger.received("1", replies)
+    labels = [site_of(m)[1] for m in replies]
+    bad = [s for s in labels if not SITE_LABEL.fullmatch(s)] + sorted({s for s in labels if labels.count(s) > 1})
+    if bad:  # a label names a file here: letters, digits, '-', '_', '.'; one hospital each
+        raise DvlibError(f"data-vector exchange: invalid or repeated site labels {bad}; give each SuperNode its own site=")
+    paths, reused = [], []
+    for m, label in zip(replies, labels):
+        meta = json.loads(m.content["meta"]["vector"])
+        paths.append(save_vector(work / "vectors" / f"{label}.dv.safetensors", record_vector(m.content["arrays"]), meta))
+        reused.append(str(m.content["meta"]["reused"]))
+    merged = work / "merged_data_vector.safetensors"
+    meta = merge_files(paths, merged, method="data_vector", lam=float(cfg["lam"]), seed=int(cfg["train-seed"]))
+    state = dict(load_model(merged).state)
+    out = {"merged": dict(state), "merged_meta": meta, "reused": reused, "visits": 0,
+           "exchange_seconds": time.perf_counter() - t0}  # vectors in and merged: before any restore
+    order = [m.metadata.src_node_id for m in replies]
+    for what in restore.get(str(cfg["restore"])).visits:
+        for node in order:
+            rnd = f"restore.{out['visits'] + 1}"
+            msg = _message({"arrays": tensors_record(state), "config": client_config(
+                cfg, kind="restore", job=job, visit=what, **{"model-meta": json.dumps(meta, default=str)})},
+                node, "train.restore", f"{job}/{rnd}")
+            ledger.sent(rnd, [msg])
+            (reply,) = exchange(grid, [msg], timeout, f"restore visit {rnd}")
+            ledger.received(rnd, [reply])
+            changed = record_tensors(reply.content["arrays"])
+            wrong = [k for k, v in changed.items() if k not in state or v.shape != state[k].shape
+                     or v.dtype != state[k].dtype]
+            if wrong:
+                raise DvlibError(f"restore visit {rnd} at {site_of(reply)[1]}: tensors not of this model: {wrong[:5]}")
+            state.update(changed)
+            meta = json.loads(reply.content["meta"]["model-meta"])
+            out["visits"] += 1
+    if out["visits"]:
+        tag = f"restored_data_vector_{str(cfg['restore']).replace('+', '_')}"
+        save_model(work / f"{tag}.safetensors", state, meta)
+    return {**out, "state": state, "meta": meta, "ledger": ledger, "nodes": order}
+
+
+def fedavg_job(grid: Grid, cfg: dict, nodes: list[int], job: str, kind: str, rounds: int, work: Path) -> dict:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from dvlib import stages
+    from dvlib.federated.strategies import DvlibFedAvg, local_keys
+    from dvlib.files import BUILTIN_WEIGHTS, save_model
+    from dvlib.vectors import key_kinds
+
+    settings = stages.TrainSettings(**json.loads(cfg["settings"]))
+    classes = json.loads(cfg["classes"])
+    if settings.epochs % rounds:
+        raise DvlibError(f"{job}: {settings.epochs} local epochs do not split into {rounds} rounds")
+    model = stages.pretrained_model(settings, len(classes), int(cfg["train-seed"]))
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bn = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    keep = local_keys(key_kinds(pre, model), bn, bool(cfg["fedbn-affine"])) if kind == "fedbn" else []
+    ledger = Ledger(job)
+    strategy = DvlibFedAvg(num_nodes=len(nodes), ledger=ledger, local_keys=keep)
+    result = strategy.start(grid=grid, initial_arrays=tensors_record(pre, [k for k in pre if k not in keep]),
+                            num_rounds=rounds, timeout=float(cfg["timeout"]),
+                            train_config=client_config(cfg, kind=kind, job=job, epochs=settings.epochs // rounds))
+    if ledger.errors() or len(result.arrays) == 0:
+        raise DvlibError(f"{job}: rounds failed: {ledger.errors()}")
+    state = record_tensors(result.arrays)
+    meta = {"kind": "merged" if not keep else "model", "arch": settings.arch, "head": settings.head,
+            "classes": classes, "pretrained_sha256": model.pretrained_sha256, "build_seed": int(cfg["train-seed"]),
+            "weights": settings.weights if settings.weights in BUILTIN_WEIGHTS else Path(settings.weights).name,
+            "image_size": settings.image_size, "method": kind, "rounds": rounds, "local_keys": keep,
+            "epochs_per_round": settings.epochs // rounds, "restore_visits": []}
+    if cfg["out-dir"]:
+        save_model(work / "model.safetensors", state, meta)
+    order = sorted(ledger.sites, key=lambda n: ledger.sites[n])
+    return {"state": state, "meta": meta, "ledger": ledger, "nodes": order, "local_keys": keep,
+            "reused": [], "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()}}
+
+
+def evaluate_job(grid: Grid, cfg: dict, job: str, kind: str, res: dict) -> list[dict]:
+    """The final model to every hospital (its own statistics under FedBN), scored on its test split."""
+    ledger = res["ledger"]
+    keys = [k for k in res["state"] if k not in set(res.get("local_keys") or [])]
+    msgs = [_message({"arrays": tensors_record(res["state"], keys), "config": client_config(cfg, kind=kind, job=job)},
+                     n, MessageType.EVALUATE, f"{job}/final") for n in res["nodes"]]
+    ledger.sent("final", msgs)
+    replies = exchange(grid, msgs, float(cfg["timeout"]), f"{job} evaluation")
+    ledger.received("final", replies, counted=False)
+    out = []
+    for m in replies:
+        pid, site = site_of(m)
+        row = {"partition_id": pid, "site": site, "metrics": dict(m.content["metrics"]),
+               "confusion": json.loads(m.content["meta"]["confusion"]), "images": json.loads(m.content["meta"]["images"])}
+        if "arrays" in m.content.array_records:
+            t = record_tensors(m.content["arrays"])
+            row.update(probs=t["probs"].numpy(), labels=t["labels"].numpy())
+        out.append(row)
+    return out
+
+
+def run_jobs(grid: Grid, cfg: dict) -> dict:
+    """Every job of ``cfg["jobs"]``, in order; returns {job: result}."""
+    if not cfg["settings"] or not cfg["classes"]:
+        raise DvlibError("the server needs 'settings' (JSON of dvlib.stages.TrainSettings) and 'classes' (JSON list)")
+    if float(cfg.get("poll-interval") or 0) > 0:
+        grid = PollingGrid(grid, float(cfg["poll-interval"]))
+    nodes = wait_for_nodes(grid, int(cfg["num-nodes"]), float(cfg["timeout"]))
+    results = {}
+    if cfg.get("warmup"):  # so that no job's seconds include a simulation actor's start-up and image decoding
+        t0 = time.perf_counter()
+        exchange(grid, [_message({"config": client_config(cfg, kind="warmup", job="_warmup")}, n, MessageType.QUERY,
+                                 "_warmup") for n in nodes], float(cfg["timeout"]), "warm-up")
+        results["_warmup"] = {"seconds": time.perf_counter() - t0}
+    with tempfile.TemporaryDirectory(prefix="dvlib-fl-") as tmp:
+        for job, kind, rounds in parse_jobs(cfg["jobs"]):
+            t0 = time.perf_counter()
+            work = Path(cfg["out-dir"] or tmp) / job
+            work.mkdir(parents=True, exist_ok=True)
+            if kind == "data_vector":
+                res = data_vector_job(grid, cfg, nodes, job, work)
+            else:
+                res = fedavg_job(grid, cfg, nodes, job, kind, rounds, work)
+            res["seconds"] = time.perf_counter() - t0  # the exchange itself, before the final evaluation
+            res["evaluation"] = evaluate_job(grid, cfg, job, kind, res) if cfg["evaluate"] else []
+            res.update(job=job, kind=kind, rounds=rounds, ledger=res["ledger"].table())
+            results[job] = res
+            note(f"  {job}: {res['seconds']:.0f} s")
+            if cfg["out-dir"]:
+                write_json(work / f"{job}.json", {
+                    **{k: v for k, v in res.items() if k in ("job", "kind", "rounds", "seconds", "exchange_seconds",
+                                                             "reused", "ledger", "visits")},
+                    "evaluation": [{k: v for k, v in e.items() if k not in ("probs", "labels")} for e in res["evaluation"]],
+                    "config": cfg})
+    return results
+
+
+def make_server_app(overrides: dict | None = None, sink: dict | None = None) -> ServerApp:
+    """The ServerApp; ``overrides`` replace run-config values, ``sink`` receives the results (and
+    ``error``, the traceback, if a job failed)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = {**DEFAULTS, **dict(context.run_config), **(overrides or {})}
+        try:
+            out = run_jobs(grid, cfg)
+        except BaseException:
+            if sink is not None:
+                sink["error"] = traceback.format_exc()
+            raise
+        if sink is not None:
+            sink.update(out)
+
+    return app

@@ -1,0 +1,529 @@
+"""The privacy audit's tables, figures and plain-language summary, from the result files alone
+(``privacy_audit.csv``, ``privacy_roc.csv.gz``, ``dp_eval.csv``, ``dp_audit.csv``; the non-private
+references from ``restore_eval.csv``).
+
+AUCs are shown as fractions (0.5 = chance), TPRs in percent. A cell is, with one replicate, the
+estimate and its 95 % patient-bootstrap interval; with several, the mean over replicates (split seed
+x training seed) and its 95 % t-interval, beside how many replicates' bootstrap intervals contain
+0.5. Numbers are never shown without an interval.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from dvlib import stats
+from dvlib.io import DvlibError
+from dvlib.reporting.figures import _finish
+from dvlib.reporting.tables import REPLICATE, RESTORE_LABELS, load_results, results_dir
+
+ATTACK_LABELS = {"loss": "loss attack (score = -loss)",
+                 "reference": "reference attack (score = loss under the pretrained model - loss)"}
+MODEL_LABELS = {
+    "pretrained": "Pretrained (sanity check: saw none of these images)",
+    "full": "Full Training",
+    "merged_params_mean": "Params Mean",
+    "merged_data_vector": "Data Vector, before restore",
+    "restored_data_vector_recalibrate": "Data Vector + BN recalibrate",
+    "restored_data_vector_finetune_epoch": "Data Vector + 1 epoch per hospital (paper)",
+}
+RELEASED_ORDER = ("full", "merged_params_mean", "merged_data_vector", "restored_data_vector_recalibrate",
+                  "restored_data_vector_finetune_epoch")
+DP_MODEL_LABELS = {"hospital": "each hospital's own model (mean)", "merged_data_vector": "merged, no restore",
+                   "restored_data_vector_recalibrate": "merged + BN recalibrate",
+                   "restored_data_vector_finetune_epoch": "merged + 1 epoch per hospital"}
+COLORS = {"none": "tab:red", "recalibrate": "tab:orange", "finetune_epoch": "tab:purple"}
+
+
+def model_label(tag: str) -> str:
+    if tag.startswith("hospital_"):
+        return f"hospital {tag.split('_')[1]}'s own model"
+    if tag.startswith("fedavg"):
+        rounds = tag.removeprefix("fedavg").strip("-_")
+        return f"FedAvg (Flower{', ' + rounds + ' rounds' if rounds else ''})"
+    return MODEL_LABELS.get(tag, tag)
+
+
+def _order(tags) -> list[str]:
+    tags = list(dict.fromkeys(tags))
+    hosp = sorted((t for t in tags if t.startswith("hospital_")), key=lambda t: int(t.split("_")[1]))
+    known = ["pretrained", *hosp, *RELEASED_ORDER]
+    return [t for t in known if t in tags] + sorted(t for t in tags if t not in known)
+
+
+def primary(audit: pd.DataFrame) -> pd.DataFrame:
+    """Each model in its own scope: pooled, or a hospital's own model on its own patients."""
+    own = audit["model"].str.startswith("hospital_") & (audit["scope"] == audit["model"])
+    return audit[(audit["scope"] == "pooled") | own]
+
+
+def _n_replicates(df: pd.DataFrame) -> int:
+    return int(df[REPLICATE].drop_duplicates().shape[0])
+
+
+def mean_cell(values, scale: float = 1.0, digits: int = 3, bounds=(0.0, 1.0)) -> str:
+    """Mean with its 95 % t-interval, clipped to ``bounds`` (an AUC or a rate cannot leave [0, 1], and
+    a t-interval over 2-3 replicates easily does; clipping keeps its coverage); one value: itself."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "–"
+    iv = stats.mean_interval(v)
+    if v.size == 1:
+        return f"{iv.estimate * scale:.{digits}f}"
+    lo, hi = max(iv.low, bounds[0]), min(iv.high, bounds[1])
+    return f"{iv.estimate * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+
+
+def interval_cell(g: pd.DataFrame, col: str, scale: float = 1.0, digits: int = 3) -> str:
+    """One row (replicate): ``est [bootstrap low, high]``; several: :func:`mean_cell` over them."""
+    if g.empty:
+        return "–"
+    if len(g) == 1:
+        r = g.iloc[0]
+        return f"{r[col] * scale:.{digits}f} [{r[col + '_low'] * scale:.{digits}f}, {r[col + '_high'] * scale:.{digits}f}]"
+    return mean_cell(g[col].to_numpy(), scale, digits)
+
+
+def _contains(g: pd.DataFrame, value: float = 0.5) -> str:
+    inside = int(((g["auc_low"] <= value) & (value <= g["auc_high"])).sum())
+    return f"{inside}/{len(g)}"
+
+
+def privacy_table(results, attack: str = "reference", step: str = "privacy_audit") -> pd.DataFrame:
+    """Per model (its own scope): AUC, replicates whose bootstrap interval contains 0.5, TPR at 1 %
+    and 0.1 % FPR (%), train / test accuracy (%), members / non-members."""
+    audit = load_results(results, step)
+    if attack not in set(audit["attack"]):
+        raise DvlibError(f"{step}: no rows for attack {attack!r} (has {sorted(set(audit['attack']))})")
+    a = primary(audit[audit["attack"] == attack])
+    rows = []
+    for tag in _order(a["model"]):
+        g = a[a["model"] == tag]
+        rows.append({"model": model_label(tag), "scope": g["scope"].iloc[0], "AUC": interval_cell(g, "auc"),
+                     "bootstrap CI contains 0.5": _contains(g),
+                     "TPR @ 1% FPR (%)": interval_cell(g, "tpr@1%", 100, 1),
+                     "TPR @ 0.1% FPR (%)": interval_cell(g, "tpr@0.1%", 100, 1),
+                     "train / test accuracy (%)": f"{g['train_accuracy'].mean() * 100:.1f} / "
+                                                  f"{g['test_accuracy'].mean() * 100:.1f}",
+                     "members / non-members": f"{g['n_members'].mean():.0f} / {g['n_nonmembers'].mean():.0f}"})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def privacy_caption(results, attack: str = "reference", step: str = "privacy_audit") -> str:
+    audit = load_results(results, step)
+    a = primary(audit[audit["attack"] == attack])
+    k = _n_replicates(a)
+    pooled = a[a["scope"] == "pooled"]
+    n_non = int(pooled["n_nonmembers"].min()) if len(pooled) else int(a["n_nonmembers"].min())
+    cell = ("the estimate [95 % patient-bootstrap interval]" if k == 1 else
+            f"the mean over {k} replicates (split seed × training seed) [95 % t-interval, clipped to the possible "
+            "range]; each replicate's own bootstrap intervals are in the detail table")
+    return (f"**Membership inference, {ATTACK_LABELS.get(attack, attack)}.** Members: the images a model was trained "
+            "on; non-members: test images of held-out patients of the same distribution. Scope: *pooled* (every "
+            "hospital's training images against all test images) for the models trained on every hospital; a "
+            f"hospital's own model on its own patients. AUC 0.5 = chance. Cells: {cell}; *bootstrap CI contains 0.5*: "
+            f"replicates whose interval includes chance. With {n_non} pooled non-members the lowest FPR that can be "
+            f"observed is {100 / max(n_non, 1):.2g} %: the TPR at 0.1 % FPR is the TPR at zero false positives. The "
+            "pretrained model's new head is random (the same at every hospital).")
+
+
+def privacy_detail_table(results, attack: str = "reference", step: str = "privacy_audit",
+                         models=None) -> pd.DataFrame:
+    """Every replicate's numbers, each with its 95 % patient-bootstrap interval (each model in its own
+    scope; ``models``: the tags to show, default all): rows model x (split seed, training seed)."""
+    audit = load_results(results, step)
+    a = primary(audit[audit["attack"] == attack])
+    rows = []
+    for tag in _order(a["model"]):
+        if models is not None and tag not in models:
+            continue
+        for _, r in a[a["model"] == tag].sort_values(REPLICATE).iterrows():
+            one = r.to_frame().T
+            rows.append({"model": model_label(tag), "split seed": int(r["split_seed"]), "training seed": int(r["train_seed"]),
+                         "AUC": interval_cell(one, "auc"), "TPR @ 1% FPR (%)": interval_cell(one, "tpr@1%", 100, 1),
+                         "TPR @ 0.1% FPR (%)": interval_cell(one, "tpr@0.1%", 100, 1),
+                         "members / non-members (patients)": f"{int(r['n_members'])} / {int(r['n_nonmembers'])} "
+                                                             f"({int(r['member_groups'])} / {int(r['nonmember_groups'])})"})
+    return pd.DataFrame(rows).set_index(["model", "split seed", "training seed"])
+
+
+def per_hospital_table(results, attack: str = "reference", step: str = "privacy_audit") -> pd.DataFrame:
+    """AUC of every model on each hospital's patients (hospital i's training images against its
+    test images): a hospital's own model beside the models released to everyone, on the same patients."""
+    audit = load_results(results, step)
+    a = audit[(audit["attack"] == attack) & audit["scope"].str.startswith("hospital_")]
+    parts = sorted(a["scope"].unique(), key=lambda s: int(s.split("_")[1]))
+    rows = []
+    own = a[a["model"] == a["scope"]]
+    if len(own):
+        rows.append({"model": "the hospital's own model",
+                     **{f"Part {p.split('_')[1]}": interval_cell(own[own["scope"] == p], "auc") for p in parts}})
+    for tag in _order(a["model"]):
+        if tag.startswith("hospital_"):
+            continue
+        g = a[a["model"] == tag]
+        rows.append({"model": model_label(tag),
+                     **{f"Part {p.split('_')[1]}": interval_cell(g[g["scope"] == p], "auc") for p in parts}})
+    t = pd.DataFrame(rows).set_index("model")
+    t.index.name = f"AUC ({attack} attack) on the patients of"
+    return t
+
+
+# --- DP --------------------------------------------------------------------------------------------------
+
+def _nonprivate(results, metric: str, attack: str) -> dict:
+    """Non-private references, per restore: pooled ``metric`` of the data-vector merge
+    (restore_eval) and its pooled attack AUCs (privacy_audit)."""
+    out: dict = {}
+    try:
+        ft = load_results(results, "finetune_eval")
+        own = ft[(ft["method"] == "base_model") & (ft["eval_on"] == ft["model"])]
+        if len(own):  # mean over the hospitals of a replicate
+            out["hospital"] = {"metric": own.groupby(REPLICATE)[metric].mean().to_numpy()}
+    except DvlibError:
+        pass
+    try:
+        rs = load_results(results, "restore_eval")
+        rs = rs[(rs["method"] == "data_vector") & (rs["eval_on"] == "pooled")]
+        for mode, g in rs.groupby("restore"):
+            out.setdefault(mode, {})["metric"] = g[metric].to_numpy()
+    except DvlibError:
+        pass
+    try:
+        au = load_results(results, "privacy_audit")
+        au = au[(au["attack"] == attack) & (au["scope"] == "pooled")]
+        for mode, tag in (("none", "merged_data_vector"), ("recalibrate", "restored_data_vector_recalibrate"),
+                          ("finetune_epoch", "restored_data_vector_finetune_epoch")):
+            g = au[au["model"] == tag]
+            if len(g):
+                out.setdefault(mode, {}).update(auc=g["auc"].to_numpy(), tpr=g["tpr@1%"].to_numpy())
+        own = primary(load_results(results, "privacy_audit"))
+        own = own[(own["attack"] == attack) & own["model"].str.startswith("hospital_")]
+        if len(own):  # hospital x replicate cells
+            out.setdefault("hospital", {}).update(auc=own["auc"].to_numpy(), tpr=own["tpr@1%"].to_numpy())
+    except DvlibError:
+        pass
+    return out
+
+
+def dp_table(results, metric: str = "accuracy", attack: str = "reference") -> pd.DataFrame:
+    """Per epsilon and model (DP hospitals' own models; the merge with each restore), and the
+    non-private references: pooled test ``metric`` (%), the attack's AUC and TPR at 1 % FPR, the
+    epsilon the accountant spent, and whether the (epsilon, delta) guarantee covers the model."""
+    ev, au = load_results(results, "dp_eval"), load_results(results, "dp_audit")
+    au = au[au["attack"] == attack]
+    rows = []
+    for eps in sorted(ev["epsilon"].unique()):
+        e, a = ev[ev["epsilon"] == eps], au[au["epsilon"] == eps]
+        hosp_e = e[e["model"].str.startswith("hospital_") & (e["eval_on"] == e["model"])]
+        hosp_a = primary(a[a["model"].str.startswith("hospital_")])
+        groups = [("hospital", hosp_e, hosp_a)]
+        for tag in ("merged_data_vector", "restored_data_vector_recalibrate", "restored_data_vector_finetune_epoch"):
+            groups.append((tag, e[(e["model"] == tag) & (e["eval_on"] == "pooled")],
+                           a[(a["model"] == tag) & (a["scope"] == "pooled")]))
+        for tag, ge, ga in groups:
+            if ge.empty:
+                continue
+            if tag == "hospital":  # mean over the hospitals of a replicate, then over replicates
+                ge = ge.groupby(REPLICATE, as_index=False)[[metric, "epsilon_spent"]].mean()
+            rows.append({"epsilon (target)": f"{eps:g}", "model": DP_MODEL_LABELS[tag],
+                         "DP guarantee": "yes" if bool(ga["dp_guarantee"].all()) else "no",
+                         "epsilon spent": f"{ge['epsilon_spent'].max():.2f}",
+                         f"{metric.replace('_', ' ')} (%)": mean_cell(ge[metric], 100, 1),
+                         # the hospitals' models: mean [t-interval] over hospital x replicate cells
+                         "attack AUC": mean_cell(ga["auc"]) if tag == "hospital" else interval_cell(ga, "auc"),
+                         "TPR @ 1% FPR (%)": mean_cell(ga["tpr@1%"], 100, 1) if tag == "hospital"
+                         else interval_cell(ga, "tpr@1%", 100, 1)})
+    ref = _nonprivate(results, metric, attack)
+    for mode in ("hospital", "none", "recalibrate", "finetune_epoch"):
+        if mode not in ref:
+            continue
+        v = ref[mode]
+        tag = {"hospital": "hospital", "none": "merged_data_vector"}.get(mode, f"restored_data_vector_{mode}")
+        rows.append({"epsilon (target)": "∞ (no DP)", "model": DP_MODEL_LABELS[tag], "DP guarantee": "no",
+                     "epsilon spent": "–", f"{metric.replace('_', ' ')} (%)": mean_cell(v.get("metric", []), 100, 1),
+                     "attack AUC": mean_cell(v.get("auc", [])), "TPR @ 1% FPR (%)": mean_cell(v.get("tpr", []), 100, 1)})
+    return pd.DataFrame(rows).set_index(["epsilon (target)", "model"])
+
+
+def dp_caption(results) -> str:
+    ev = load_results(results, "dp_eval")
+    k = _n_replicates(ev)
+    trainable = ", ".join(sorted(ev["trainable"].astype(str).unique()))
+    return (f"**DP-SGD fine-tuning** at each hospital (trainable: {trainable}; pretrained BatchNorm frozen; delta = 1/n "
+            f"with n the hospital's training images), then the same merge. Pooled test split; mean over {k} "
+            "replicate(s) with a 95 % t-interval (one replicate: attack AUC with its bootstrap interval). *DP "
+            "guarantee*: whether the (epsilon, delta) guarantee covers the model: BN recalibration and the restore "
+            "epoch use the hospitals' images outside DP-SGD. The guarantee is per image: a patient with k images "
+            "is protected at k × epsilon.")
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+def _envelope(fpr: np.ndarray, tpr: np.ndarray):
+    last = np.r_[fpr[1:] != fpr[:-1], True]  # the highest TPR at each distinct FPR
+    return fpr[last], tpr[last]
+
+
+def plot_roc(results, attacks=("loss", "reference"), out: str | os.PathLike | None = None):
+    """Membership-inference ROC curves on log-log axes (the low-FPR corner is what matters): each
+    model in its own scope, mean TPR over replicates; the hospitals' own models as one line (their
+    mean); the diagonal is chance; shaded: FPRs below the lowest observable one (1/pooled non-members),
+    where a curve shows the TPR at zero false positives."""
+    import matplotlib.pyplot as plt
+
+    roc = pd.read_csv(results_dir(results) / "privacy_roc.csv.gz")
+    audit = load_results(results, "privacy_audit")
+    grid = np.logspace(-3, 0, 200)
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.2 * len(attacks), 4.4), squeeze=False)
+    tags = _order(roc["model"])
+    cmap = plt.get_cmap("tab10")
+    for ax, attack in zip(axes[0], attacks):
+        part = roc[roc["attack"] == attack]
+        lines: dict[str, list[np.ndarray]] = {}
+        for (tag, *_), g in part.groupby(["model", *REPLICATE], sort=False):
+            f, t = _envelope(g["fpr"].to_numpy(), g["tpr"].to_numpy())
+            key = "hospital" if tag.startswith("hospital_") else tag
+            lines.setdefault(key, []).append(np.interp(grid, f, t))
+        keys = [k for k in ["pretrained", "hospital", *[t for t in tags if not t.startswith("hospital_")]]
+                if k in lines]
+        for i, key in enumerate(dict.fromkeys(keys)):
+            label = "hospitals' own models (mean)" if key == "hospital" else model_label(key)
+            style = dict(color="grey", ls="--") if key == "pretrained" else dict(color=cmap(i % 10))
+            ax.plot(grid, np.mean(lines[key], axis=0), lw=1.4, label=label, **style)
+        ax.plot(grid, grid, color="black", lw=0.8, ls=":", label="chance")
+        pooled = audit[(audit["attack"] == attack) & (audit["scope"] == "pooled")]
+        if len(pooled):  # below 1/non-members no FPR is observed: the curve there is the TPR at 0 FP
+            ax.axvspan(1e-3, float(pooled["min_fpr"].max()), color="grey", alpha=0.12, lw=0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(1e-3, 1)
+        ax.set_ylim(1e-3, 1)
+        ax.set_xlabel("false positive rate (non-members called members)")
+        ax.set_ylabel("true positive rate (members found)")
+        ax.set_title(ATTACK_LABELS.get(attack, attack), fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    k = _n_replicates(roc)
+    return _finish(fig, out, f"Membership inference ROC, each model on its own training vs held-out patients "
+                             f"(mean of {k} replicate(s); shaded: below the lowest observable FPR)")
+
+
+def plot_privacy_utility(results, metric: str = "accuracy", attack: str = "reference",
+                         out: str | os.PathLike | None = None):
+    """Pooled test ``metric`` and the attack's pooled AUC against epsilon, for the DP merge with each
+    restore (solid: covered by the guarantee; dashed: not), mean over replicates with +-1 std; the
+    non-private data-vector merge with the same restore as a dotted reference line."""
+    import matplotlib.pyplot as plt
+
+    ev, au = load_results(results, "dp_eval"), load_results(results, "dp_audit")
+    au = au[(au["attack"] == attack) & (au["scope"] == "pooled")]
+    ref = _nonprivate(results, metric, attack)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    eps = sorted(ev["epsilon"].unique())
+    for mode in ev["restore"].unique():
+        tag = "merged_data_vector" if mode == "none" else f"restored_data_vector_{mode.replace('+', '_')}"
+        e = ev[(ev["model"] == tag) & (ev["eval_on"] == "pooled")].groupby("epsilon")[metric].agg(["mean", "std"])
+        a = au[au["model"] == tag].groupby("epsilon")["auc"].agg(["mean", "std"])
+        guaranteed = bool(ev.loc[ev["model"] == tag, "dp_guarantee"].all())
+        color, ls = COLORS.get(mode, "tab:blue"), "-" if guaranteed else "--"
+        label = f"DP merge, {RESTORE_LABELS.get(mode, mode)}" + ("" if guaranteed else " (outside the guarantee)")
+        ax1.errorbar(e.index, e["mean"] * 100, yerr=e["std"].fillna(0) * 100, color=color, ls=ls, marker="o",
+                     capsize=3, label=label)
+        ax2.errorbar(a.index, a["mean"], yerr=a["std"].fillna(0), color=color, ls=ls, marker="o", capsize=3, label=label)
+        if mode in ref and "metric" in ref[mode]:
+            ax1.axhline(ref[mode]["metric"].mean() * 100, color=color, ls=":", lw=1.2,
+                        label=f"no DP, {RESTORE_LABELS.get(mode, mode)}")
+        if mode in ref and "auc" in ref[mode]:
+            ax2.axhline(ref[mode]["auc"].mean(), color=color, ls=":", lw=1.2, label=f"no DP, {RESTORE_LABELS.get(mode, mode)}")
+    hosp = ev[ev["model"].str.startswith("hospital_") & (ev["eval_on"] == ev["model"])]
+    if len(hosp):
+        h = hosp.groupby("epsilon")[metric].mean()
+        ax1.plot(h.index, h.to_numpy() * 100, color="grey", marker=".", lw=1, label="hospitals' own DP models (own test split)")
+    ax2.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xticks(eps, labels=[f"{x:g}" for x in eps])
+        ax.minorticks_off()
+        ax.set_xlabel("epsilon (delta = 1/n per hospital)")
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel(f"{metric.replace('_', ' ')} (%), pooled test")
+    ax2.set_ylabel(f"membership AUC ({attack} attack), pooled")
+    handles = {lab: h for ax in (ax1, ax2) for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.12))
+    k = _n_replicates(ev)
+    return _finish(fig, out, f"Privacy against utility: DP-SGD fine-tuning, then the data-vector merge "
+                             f"(mean ± std over {k} replicate(s))")
+
+
+# --- the plain paragraph ---------------------------------------------------------------------------------
+
+def _verdicts(a: pd.DataFrame) -> dict[str, str]:
+    """Per model: 'leak' (bootstrap interval above 0.5 in every replicate), 'chance' (contains 0.5
+    in every replicate) or 'mixed'."""
+    out = {}
+    for tag, g in a.groupby("model"):
+        above = (g["auc_low"] > 0.5).sum()
+        inside = ((g["auc_low"] <= 0.5) & (g["auc_high"] >= 0.5)).sum()
+        out[tag] = "leak" if above == len(g) else "chance" if inside == len(g) else "mixed"
+    return out
+
+
+def _auc_text(g: pd.DataFrame) -> str:
+    if len(g) == 1:
+        r = g.iloc[0]
+        return f"{r['auc']:.3f} [{r['auc_low']:.3f}, {r['auc_high']:.3f}]"
+    return mean_cell(g["auc"])
+
+
+def _names(tags) -> str:
+    names = [model_label(t) for t in tags]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def privacy_summary(results) -> str:
+    """What a hospital should conclude, in plain sentences from the numbers (honest where the
+    intervals include 0.5 or overlap each other)."""
+    audit = load_results(results, "privacy_audit")
+    prim = primary(audit)
+    k = _n_replicates(prim)
+    reps = f"{k} replicate{'s' if k > 1 else ''}"
+    out = []
+    pre = prim[prim["model"] == "pretrained"]
+    if len(pre):
+        lo = pre[pre["attack"] == "loss"]
+        ref = pre[pre["attack"] == "reference"]
+        inside = int(((lo["auc_low"] <= 0.5) & (lo["auc_high"] >= 0.5)).sum())
+        exact = bool(len(ref)) and bool((ref["auc"] == 0.5).all())
+        s = (f"**Sanity check.** The pretrained model saw none of these images; the loss attack gives it an AUC of "
+             f"{_auc_text(lo)}, its bootstrap interval containing 0.5 in {inside} of {len(lo)} replicate(s)")
+        s += ", and the reference attack (the model as its own reference) exactly 0.5." if exact else "."
+        if inside < len(lo):
+            s += (" An interval that excludes 0.5 here is a false alarm of the attack itself (expected in about 1 "
+                  "replicate in 20); read the other models' borderline results with that in mind.")
+        else:
+            s += " The attacks do not find members where there are none."
+        out.append(s)
+    released = prim[prim["model"] != "pretrained"]
+    # the stronger attack per model: the larger mean AUC
+    best = {}
+    for tag, g in released.groupby("model"):
+        means = g.groupby("attack")["auc"].mean()
+        best[tag] = means.idxmax()
+    strong = pd.concat([released[(released["model"] == t) & (released["attack"] == a)] for t, a in best.items()]) \
+        if best else released
+    verdict = _verdicts(strong)
+    groups = {v: [t for t in _order(verdict) if verdict[t] == v] for v in ("leak", "mixed", "chance")}
+    detail = "; ".join(f"{model_label(t)} {_auc_text(strong[strong['model'] == t])} ({best[t]} attack)"
+                       for t in _order(verdict))
+    s = f"**The released models** (stronger of the two attacks per model, AUC over {reps}): {detail}. "
+    if groups["leak"]:
+        s += f"Membership is detectable, the interval above 0.5 in every replicate, for {_names(groups['leak'])}. "
+    if groups["mixed"]:
+        s += f"For {_names(groups['mixed'])} it is detectable in some replicates only. "
+    if groups["chance"]:
+        s += (f"For {_names(groups['chance'])} the attacks are not distinguishable from chance at this sample size: "
+              "an interval containing 0.5 is not evidence that nothing leaks. ")
+    tpr = strong.groupby("model")["tpr@1%"].mean()
+    if len(tpr):
+        top = tpr.idxmax()
+        n_non = int(strong.loc[strong["model"] == top, "n_nonmembers"].mean())
+        allowed = int(0.01 * n_non)
+        fp = (f"at most {allowed} of {n_non} held-out images wrongly flagged" if allowed else
+              f"with {n_non} held-out images: no false positive at all")
+        s += (f"At 1 % FPR ({fp}) the attack finds {tpr[top] * 100:.1f} % of {model_label(top)}'s training images "
+              "on average, the most of any released model (chance: 1 %).")
+    out.append(s.strip())
+    out += _own_vs_merged(audit)
+    out += _dp_sentences(results)
+    out.append(_conclusion(groups, results))
+    return "\n\n".join(out)
+
+
+def _own_vs_merged(audit: pd.DataFrame) -> list[str]:
+    a = audit[(audit["attack"] == "reference") & audit["scope"].str.startswith("hospital_")]
+    own = a[a["model"] == a["scope"]].set_index([*REPLICATE, "scope"])["auc"]
+    out = []
+    for tag in ("restored_data_vector_finetune_epoch", "merged_data_vector"):
+        other = a[a["model"] == tag].set_index([*REPLICATE, "scope"])["auc"]
+        both = pd.concat([own, other], axis=1, keys=["own", "merged"]).dropna()
+        if len(both) < 2:
+            continue
+        c = stats.paired_t((both["own"] - both["merged"]).to_numpy())
+        overlap = c.low <= 0 <= c.high
+        word = "more" if c.diff > 0 else "less"
+        s = (f"**Own model or merged model?** On the same patients (each hospital's training against its test images, "
+             f"reference attack, {len(both)} hospital × replicate cells) a hospital's own model has AUC "
+             f"{both['own'].mean():.3f} and the {model_label(tag)} model {both['merged'].mean():.3f}: the own model "
+             f"leaks {word} by {abs(c.diff):.3f} [{c.low:+.3f}, {c.high:+.3f}] (paired t over cells).")
+        s += (" The interval includes 0: no difference can be claimed." if overlap else
+              " The interval excludes 0.")
+        out.append(s)
+        break
+    return out
+
+
+def _dp_sentences(results) -> list[str]:
+    d = results_dir(results)
+    if not (d / "dp_eval.csv").exists() or not (d / "dp_audit.csv").exists():
+        return []
+    ev, au = load_results(results, "dp_eval"), load_results(results, "dp_audit")
+    ref = _nonprivate(results, "accuracy", "reference")
+    pooled = ev[ev["eval_on"] == "pooled"]
+    merged = pooled[pooled["model"] == "merged_data_vector"].groupby("epsilon")["accuracy"].mean()
+    auc = au[(au["model"] == "merged_data_vector") & (au["scope"] == "pooled") & (au["attack"] == "reference")]
+    trainable = ", ".join(sorted(ev["trainable"].astype(str).unique()))
+    parts = []
+    for eps, acc in merged.items():
+        g = auc[auc["epsilon"] == eps]
+        parts.append(f"ε = {eps:g}: {acc * 100:.1f} % accuracy, attack AUC {_auc_text(g) if len(g) else '–'}")
+    s = (f"**With differential privacy** (DP-SGD at each hospital, trainable: {trainable}, BatchNorm frozen at the "
+         f"pretrained statistics, δ = 1/n), the merged model before any restore, the one the guarantee covers, "
+         f"reaches {'; '.join(parts)} (pooled test, mean over replicates).")
+    if "none" in ref and "metric" in ref["none"]:
+        s += f" Without DP the same merge (no restore) reaches {ref['none']['metric'].mean() * 100:.1f} %"
+        if "finetune_epoch" in ref and "metric" in ref["finetune_epoch"]:
+            s += f", and {ref['finetune_epoch']['metric'].mean() * 100:.1f} % after the paper's restore epoch"
+        s += "."
+    rest = pooled[pooled["model"] != "merged_data_vector"]
+    rest = rest[~rest["model"].str.startswith("hospital_")]
+    if len(rest):
+        best = rest.groupby(["model", "epsilon"])["accuracy"].mean()
+        (tag, eps), val = best.idxmax(), best.max()
+        s += (f" The restores recover accuracy ({model_label(tag)} at ε = {eps:g}: {val * 100:.1f} %) but use the "
+              "hospitals' images outside DP-SGD, so the guarantee no longer covers that model.")
+    s += " The guarantee is per image: a patient with k images in the training split is protected at k × ε"
+    if "max_images_per_patient" in ev:
+        s += f" (here up to {int(ev['max_images_per_patient'].max())} images per patient)"
+    s += "."
+    return [s]
+
+
+def _conclusion(groups: dict, results) -> str:
+    dp = (results_dir(results) / "dp_eval.csv").exists()
+    if groups.get("leak") or groups.get("mixed"):
+        s = ("**What a hospital should conclude.** The released models carry measurable information about which "
+             "patients they were trained on. A data vector, like any model trained on patients, is therefore "
+             "personal-data-derived and should be shared under the same agreements as the images' derived data, "
+             "not as an anonymous aggregate; these are weak attacks (per-image losses, no shadow models), so a "
+             "determined attacker can be expected to do better, not worse.")
+    else:
+        s = ("**What a hospital should conclude.** These attacks found no membership signal distinguishable from "
+             "chance at this sample size. That is not a guarantee: they are weak attacks (per-image losses, no "
+             "shadow models), the intervals are wide with a few hundred patients, and stronger attacks usually "
+             "find more. A data vector is derived from patients' images and should be shared as such.")
+    if dp:
+        s += (" If a formal bound is required, DP fine-tuning gives one, at the accuracy cost shown above; it holds "
+              "only for the merged model without recalibration or restore epoch, per image (k images of one "
+              "patient: k × ε), and not for the label counts and local test metrics in the vector file's metadata.")
+    else:
+        s += " Only differential privacy bounds what any attack can learn; see the DP section when it has run."
+    return s
+
+
+__all__ = ["ATTACK_LABELS", "MODEL_LABELS", "model_label", "primary", "mean_cell", "interval_cell", "privacy_table",
+           "privacy_caption", "privacy_detail_table", "per_hospital_table", "dp_table", "dp_caption", "plot_roc", "plot_privacy_utility",
+           "privacy_summary"]
