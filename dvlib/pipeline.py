@@ -30,6 +30,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # run only when asked (``dvlib run --with federated privacy`` or ``--steps``): hours on a CPU
 EXTRAS = {"federated": "07_federated", "privacy": "08_privacy"}
+CHAIN = [name for name, _ in STEPS if name not in EXTRAS.values()]  # what runs by default
 
 
 def notebooks_dir() -> Path:
@@ -67,8 +68,8 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
         bad = [s for s in steps if s not in known]
         if bad:
             raise DvlibError(f"unknown steps {bad}; valid: {known}")
-    else:  # the main chain
-        steps = [s for s in known if s not in EXTRAS.values()]
+    else:
+        steps = CHAIN
     from dvlib.data.base import DATASETS
 
     if dataset and dataset not in DATASETS and Path(dataset).is_dir():  # a folder: the kernels run in notebooks/

@@ -27,16 +27,21 @@ def versions() -> dict:
     return out
 
 
+OUTPUTS = ("reports", "figures", "data/splits")  # what the chain itself writes into the checkout
+
+
 def git_state(root) -> dict:
-    """The commit and whether the working tree differs from it (None outside a git checkout)."""
+    """The commit, and whether tracked files other than the chain's own outputs (:data:`OUTPUTS`)
+    differ from it, with the first of them (None outside a git checkout)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode:
             return {"commit": None, "dirty": None}
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
-        return {"commit": head.stdout.strip(), "dirty": dirty}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      *(f":(exclude){o}" for o in OUTPUTS)).stdout.splitlines()
+        return {"commit": head.stdout.strip(), "dirty": bool(changed), "changed": [c[3:] for c in changed[:20]]}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -63,13 +68,14 @@ def record(run, step: str, device=None, index=None) -> dict:
 
     path = run.dir / "results" / "provenance.json"
     prov = read_json(path) if path.exists() else {}
-    prov.update(run=run.name, settings=run.settings, versions=versions(), git=git_state(project_root()))
+    git = git_state(project_root())
+    prov.update(run=run.name, settings=run.settings, versions=versions(), git=git)
     if index is not None:
         prov["dataset"] = dataset_fingerprint(index)
     prov["manifests"] = {str(s): sha256_file(run.manifest_path(s)) for s in run.split_seeds
                          if run.manifest_path(s).exists()}
     steps = prov.setdefault("steps", {})
-    steps[step] = {"utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    steps[step] = {"utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git": git,
                    **(device_info(device) if device is not None else {})}
     write_json(path, prov)
     return prov

@@ -68,13 +68,14 @@ CHAIN_LAMBDAS = [0.0, 0.25, 0.5, 1.0]  # a notebook parameter (03) given to the 
 
 @pytest.fixture(scope="session")
 def smoke_chain(tmp_path_factory):
-    """The papermill chain (smoke preset, synthetic data, CPU) once per test session: (base folder, records)."""
-    from dvlib.pipeline import run_chain
+    """The papermill chain (smoke preset, synthetic data, CPU) once per test session, with the notebooks
+    that run only when asked (07, 08): (base folder, records)."""
+    from dvlib.pipeline import STEPS, run_chain
 
     base = tmp_path_factory.mktemp("chain")
     dirs = {"runs_dir": str(base / "runs"), "reports_dir": str(base / "reports"), "figures_dir": str(base / "figures")}
     records = run_chain("t-smoke", "smoke", seeds=[0], device="cpu", log=lambda *_: None,
-                        notebook_params={"lambdas": CHAIN_LAMBDAS}, **dirs)
+                        steps=[name for name, _ in STEPS], notebook_params={"lambdas": CHAIN_LAMBDAS}, **dirs)
     return base, records
 
 

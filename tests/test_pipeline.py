@@ -78,6 +78,27 @@ def test_every_notebook_parameter_is_a_run_flag():
     assert set(NOTEBOOK_PARAMS) <= declared
 
 
+def test_federated_and_privacy_notebooks_run_only_when_asked(monkeypatch, tmp_path):
+    """``dvlib run`` runs 01-06; ``--with federated privacy`` adds 07 and 08 after them."""
+    import dvlib.pipeline as pipeline
+    from dvlib.cli import main
+
+    asked = []
+    monkeypatch.setattr(pipeline, "run_chain", lambda *a, **kw: asked.append(kw["steps"]) or [])
+    common = ["run", "--preset", "smoke", "--runs-dir", str(tmp_path)]
+    assert main(common) == 0 and main(common + ["--with", "privacy", "federated"]) == 0
+    assert main(common + ["--steps", "03_merge", "--with", "privacy"]) == 0
+    assert asked == [None, pipeline.CHAIN + ["08_privacy", "07_federated"], ["03_merge", "08_privacy"]]
+    assert pipeline.CHAIN == [s for s, _ in STEPS][:6]
+    seen = []  # and run_chain itself, given no steps, executes the main chain only
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "_execute", lambda the_run, params, declared, nbp, nb_dir, reports, steps, *a:
+                        seen.append(list(steps)) or [])
+    pipeline.run_chain("t-default", "smoke", seeds=[0], device="cpu", runs_dir=str(tmp_path / "runs"),
+                       reports_dir=str(tmp_path / "reports"), figures_dir=str(tmp_path / "figures"), log=lambda *_: None)
+    assert seen == [pipeline.CHAIN]
+
+
 def test_unknown_notebook_parameter_is_refused_before_any_notebook_runs(tmp_path):
     with pytest.raises(DvlibError, match=r"no notebook takes the parameters \['lamdbas'\].*03_merge: lambdas, methods"):
         run_chain("t-typo", "smoke", seeds=[0], device="cpu", runs_dir=str(tmp_path / "runs"),
@@ -88,7 +109,7 @@ def test_unknown_notebook_parameter_is_refused_before_any_notebook_runs(tmp_path
 
 # the figures each executed notebook must show, whatever the matplotlib backend (CI sets MPLBACKEND=Agg)
 FIGURES_SHOWN = {"01_split_data": 1, "02_finetune_hospitals": 1, "03_merge": 1, "05_layerwise_similarity": 1,
-                 "06_results": 2}
+                 "06_results": 2, "07_federated": 2, "08_privacy": 2}
 
 
 def test_every_notebook_that_draws_shows_its_figures(chain):

@@ -42,10 +42,17 @@ def register(sub) -> None:
     n.add_argument("--finetune-methods", nargs="+", metavar="METHOD",
                    help="04: methods that get the training-based restore")
     n.add_argument("--restore", help="06: restore mode of the merged models in the paper-layout tables")
+    n.add_argument("--fl-methods", nargs="+", metavar="METHOD", help="07: federated baselines (fedavg, fedbn)")
+    n.add_argument("--fl-rounds", nargs="+", type=int, metavar="R", help="07: rounds R, each dividing the epochs")
+    n.add_argument("--epsilons", nargs="+", type=float, metavar="EPS", help="08: DP-SGD privacy budgets")
+    n.add_argument("--dp-trainable", help="08: what DP-SGD trains (all_but_bn, last_stages, head)")
+    n.add_argument("--dp-train-seeds", nargs="+", type=SEED, metavar="SEED", help="08: training seeds DP runs for")
+    n.add_argument("--n-boot", type=int, help="08: bootstrap resamples (whole patients) per interval")
     p.set_defaults(func=cmd_run)
 
 
-NOTEBOOK_PARAMS = ("hospitals", "devices", "methods", "lambdas", "restore_modes", "finetune_methods", "restore")
+NOTEBOOK_PARAMS = ("hospitals", "devices", "methods", "lambdas", "restore_modes", "finetune_methods", "restore",
+                   "fl_methods", "fl_rounds", "epsilons", "dp_trainable", "dp_train_seeds", "n_boot")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -60,9 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     nb_params = {k: getattr(args, k) for k in NOTEBOOK_PARAMS if getattr(args, k) is not None}
     steps = args.steps
     if args.extras:
-        from dvlib.pipeline import STEPS
+        from dvlib.pipeline import CHAIN
 
-        steps = (steps or [s for s, _ in STEPS if s not in EXTRAS.values()]) + [EXTRAS[e] for e in args.extras]
+        steps = list(steps or CHAIN) + [EXTRAS[e] for e in args.extras if EXTRAS[e] not in (steps or [])]
     run_chain(name, args.preset, dataset, seeds, args.train_seeds, args.device, args.runs_dir, args.reports_dir,
               args.figures_dir, overwrite=args.overwrite, steps=steps, html=not args.no_html, extra=extra,
               notebook_params=nb_params)
