@@ -12,7 +12,7 @@ PRESET   ?= quick
 DATASET  ?= pad_ufes_20
 RUN      ?= $(PRESET)-$(DATASET)
 
-.PHONY: venv test report report-noniid smoke notebooks lab bench clean
+.PHONY: venv test report report-noniid report-federated report-privacy readme-results smoke notebooks lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,6 +36,20 @@ report: venv
 report-noniid: venv
 	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --train-seeds $(TRAIN_SEEDS) \
 		--scheme dirichlet --alpha 0.5 --run $(RUN)-dirichlet0.5
+
+# notebooks 07 (Flower: FedAvg, FedBN) and 08 (membership inference, DP-SGD hospitals) on the report's run,
+# after `make report`; hours on 2 cores (08 with EPSILONS="1 8": about 40 minutes)
+EPSILONS ?= 1 4 8
+report-federated: venv
+	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --train-seeds $(TRAIN_SEEDS) --run $(RUN) \
+		--steps 07_federated
+report-privacy: venv
+	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --train-seeds $(TRAIN_SEEDS) --run $(RUN) \
+		--steps 08_privacy --epsilons $(EPSILONS)
+
+# the README's results block, from the committed reports' files alone
+readme-results: venv
+	$(PY) tools/readme_results.py
 
 smoke: venv
 	$(VENV)/bin/dvlib run --preset smoke --run smoke

@@ -19,7 +19,8 @@ import pandas as pd
 from dvlib import restore, stages
 from dvlib.checks import MAX_IMAGE_SIZE, distinct_outputs, fail, finite_number, integer, nonfinite_keys
 from dvlib.coordinator import check_out, open_model
-from dvlib.files import BUILTIN_WEIGHTS, VECTOR_KIND, save_model
+from dvlib.files import save_model
+from dvlib.metadata import BUILTIN_WEIGHTS, VECTOR_KIND
 from dvlib.io import DvlibError, all_or_nothing, check_writable, write_csv, write_json
 from dvlib.local import LocalData
 

@@ -14,10 +14,12 @@ pytest.importorskip("opacus")
 matplotlib.use("Agg")
 
 from dvlib import experiment as ex  # noqa: E402
-from dvlib.experiment import privacy as xp  # noqa: E402
+from dvlib.experiment import dp_steps as xp  # noqa: E402
+from dvlib.experiment import privacy as xa  # noqa: E402
 from dvlib.files import load_model, load_vector  # noqa: E402
 from dvlib.io import DvlibError  # noqa: E402
 from dvlib.reporting import privacy as rp  # noqa: E402
+from dvlib.reporting.privacy_summary import privacy_summary  # noqa: E402
 from dvlib.vectors import BN_STAT, COUNTER  # noqa: E402
 
 TINY = dict(image_size=32, epochs=1, batch_size=8, n_hospitals=2, n_patients=48, eval_batch_size=64)
@@ -33,7 +35,7 @@ def run(tmp_path_factory):
     ex.step_finetune(r, progress=False)
     ex.step_merge(r, methods=("params_mean", "data_vector"))
     ex.step_restore(r, methods=("data_vector",), modes=("none", "recalibrate", "finetune_epoch"))
-    xp.step_privacy_audit(r, n_boot=200)
+    xa.step_privacy_audit(r, n_boot=200)
     xp.step_dp(r, epsilons=(EPS,), n_boot=100, log=lambda *_: None)
     return r
 
@@ -68,7 +70,7 @@ def test_every_model_and_scope_is_audited_with_intervals(run):
     assert scopes["hospital_2"] == "hospital_2" and scopes["merged_data_vector"] == "pooled"
     for _, g in roc.groupby(["model", "attack"]):
         assert (g["fpr"].iloc[0], g["tpr"].iloc[0], g["fpr"].iloc[-1], g["tpr"].iloc[-1]) == (0, 0, 1, 1)
-        assert len(g) <= xp.CURVE_POINTS and (np.diff(g["fpr"]) >= 0).all() and (np.diff(g["tpr"]) >= 0).all()
+        assert len(g) <= xa.CURVE_POINTS and (np.diff(g["fpr"]) >= 0).all() and (np.diff(g["tpr"]) >= 0).all()
 
 
 def test_pretrained_model_is_the_sanity_check(run):
@@ -81,12 +83,12 @@ def test_pretrained_model_is_the_sanity_check(run):
     # the bootstrap draws are shared by the models of a scope: the notebook's few lines give the step's row
     r = ex.replicate(run, 0, 0)
     net = r.model_from(load_model(run.model_path(0, 0, "merged_data_vector")).state)
-    frame, reference = xp.per_image_losses(r, net), xp.per_image_losses(r, r.pretrained_model())
+    frame, reference = xa.per_image_losses(r, net), xa.per_image_losses(r, r.pretrained_model())
     assert (frame["loss"] == -np.log(np.clip(frame["p_true"], 1e-12, 1))).all()
     from dvlib import privacy
 
     score = reference["loss"].to_numpy() - frame["loss"].to_numpy()
-    a = privacy.audit(score, frame["member"], groups=frame["patient"], n_boot=200, seed=xp.audit_seed(r, "pooled"))
+    a = privacy.audit(score, frame["member"], groups=frame["patient"], n_boot=200, seed=xa.audit_seed(r, "pooled"))
     row = audit[(audit["model"] == "merged_data_vector") & (audit["attack"] == "reference") &
                 (audit["scope"] == "pooled")].iloc[0]
     assert (a.auc, a.auc_low, a.auc_high) == pytest.approx((row["auc"], row["auc_low"], row["auc_high"]), abs=1e-12)
@@ -156,6 +158,6 @@ def test_report_from_the_result_files(run, tmp_path):
     assert fig._suptitle.get_text() and (tmp_path / "roc.png").exists()
     fig = rp.plot_privacy_utility(run.dir, out=tmp_path / "utility")
     assert fig._suptitle.get_text() and (tmp_path / "utility.pdf").exists()
-    text = rp.privacy_summary(run.dir)
+    text = privacy_summary(run.dir)
     for phrase in ("Sanity check", "exactly 0.5", "What a hospital should conclude", "differential privacy", "per image"):
         assert phrase in text, phrase

@@ -50,9 +50,11 @@ CELLS = header(
        "replicate's data-vector merge, on all training images against all test images:"),
     code("import numpy as np\n\n"
          "from dvlib import privacy\n"
-         "from dvlib.experiment.privacy import audit_seed, dp_file_summary, per_image_losses, step_dp, step_privacy_audit\n"
+         "from dvlib.experiment.dp_steps import dp_file_summary, step_dp\n"
+         "from dvlib.experiment.privacy import audit_seed, per_image_losses, step_privacy_audit\n"
          "from dvlib.reporting.privacy import (dp_caption, dp_table, per_hospital_table, plot_privacy_utility, plot_roc,\n"
-         "                                     privacy_caption, privacy_detail_table, privacy_summary, privacy_table)\n\n"
+         "                                     privacy_caption, privacy_detail_table, privacy_table)\n"
+         "from dvlib.reporting.privacy_summary import privacy_summary\n\n"
          "s, t = R.replicates[0]\n"
          "rep = ex.replicate(R, s, t)\n"
          "images = per_image_losses(rep, rep.model_from(ex.load_model(R.model_path(s, t, \"merged_data_vector\")).state))\n"

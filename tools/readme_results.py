@@ -1,0 +1,90 @@
+"""Write the README's results block from a report's files alone: `make readme-results`.
+
+Reads ``reports/<run>/results/`` (the tables and claims 06 wrote), ``reports/<run>/steps.json`` (run
+times) and ``figures/<run>/fig2_layerwise_cosine.png``, and replaces what lies between
+``<!-- RESULTS -->`` and ``<!-- /RESULTS -->`` in README.md. Nothing here is typed by hand, so the
+README says what the committed report says.
+
+    python tools/readme_results.py [RUN ...]   # default: every committed report with a results table
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dvlib.io import DvlibError, read_csv  # noqa: E402
+from dvlib.reporting.claims import headline  # noqa: E402
+
+START, END = "<!-- RESULTS -->", "<!-- /RESULTS -->"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def block(run: str) -> str:
+    reports = ROOT / "reports" / run
+    results = reports / "results"
+    if not (results / "table_accuracy.md").exists():
+        raise DvlibError(f"{results}: no table_accuracy.md; run `dvlib run --run {run}` (notebook 06) first")
+    settings = json.loads((results / "run.json").read_text())
+    steps = json.loads((reports / "steps.json").read_text())
+    ran = [s for s in steps if s["status"] == "ran"]
+    prov = json.loads((results / "provenance.json").read_text()) if (results / "provenance.json").exists() else {}
+    reps = read_csv(results / "restore_eval.csv")[["split_seed", "train_seed"]].drop_duplicates()
+    split_seeds, train_seeds = sorted(reps["split_seed"].unique().tolist()), sorted(reps["train_seed"].unique().tolist())
+    scheme = settings.get("scheme", "iid")
+    where = "IID hospitals" if scheme == "iid" else f"non-IID hospitals (Dirichlet alpha {settings.get('alpha')})"
+    device = next((v for v in prov.get("steps", {}).values() if "device" in v), {})
+    lines = [f"### `{run}`: {settings.get('dataset')}, {where}, preset `{settings.get('preset')}`, "
+             f"{len(reps)} replicates (split seeds {split_seeds} x training seeds {train_seeds})", "",
+             f"Pooled and per-hospital accuracy (%, mean [95 % t-interval] over replicates; merged models "
+             f"after the paper's restore epoch), from [`reports/{run}/results/table_accuracy.md`]"
+             f"(reports/{run}/results/table_accuracy.md):", "",
+             (results / "table_accuracy.md").read_text().strip(), "",
+             "What the paired tests say (06_results: per-image predictions paired across models):", "",
+             headline(results), ""]
+    fig = ROOT / "figures" / run / "fig2_layerwise_cosine.png"
+    if fig.exists():
+        lines += [f"![Figure 2: layer-wise cosine similarity of each data vector to Full Training's]"
+                  f"(figures/{run}/fig2_layerwise_cosine.png)", ""]
+    if ran:
+        total = sum(s["seconds"] for s in ran)
+        per = ", ".join(f"{s['step']} {minutes(s['seconds'])}" for s in ran)
+        cpu = f"{device.get('name', '?')}, {device.get('threads', '?')} threads" if device.get("device") == "cpu" \
+            else device.get("name", "?")
+        lines += [f"Run time: {minutes(total)} in all on {cpu} ({per}). Executed notebooks: "
+                  f"[`reports/{run}/`](reports/{run}/).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    runs = argv or sorted(p.parent.parent.name for p in (ROOT / "reports").glob("*/results/table_accuracy.md")
+                          if not p.parent.parent.name.startswith("smoke"))
+    if not runs:
+        print("readme_results: error: no report under reports/ has results/table_accuracy.md; run `make report`",
+              file=sys.stderr)
+        return 2
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text:
+        print(f"{readme}: no {START} marker", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1] if END in rest else rest
+    try:
+        body = "\n".join(block(r) for r in runs)
+    except DvlibError as e:
+        print(f"readme_results: error: {e}", file=sys.stderr)
+        return 2
+    readme.write_text(f"{head}{START}\n## Results\n\n{body}{END}{tail}")
+    print(f"wrote the results of {', '.join(runs)} into {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
