@@ -840,6 +840,15 @@ def _unshare_ok() -> bool:
 
 
 @pytest.mark.skipif(not _unshare_ok(), reason="needs root and unshare for a private tmpfs")
+def _can_mount_privately() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_privately(), reason="needs `unshare -m` and tmpfs mounts (root in a VM)")
 def test_real_read_only_folder_and_real_full_disk(good, work):
     """The same as the monkeypatched cases, on a real read-only tmpfs and a real 64 KiB one (private
     mount namespace: nothing outside this test sees them)."""

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dvlib.io import DvlibError, read_csv  # noqa: E402
+from dvlib.pipeline import CHAIN  # noqa: E402
 from dvlib.reporting.claims import headline  # noqa: E402
 
 START, END = "<!-- RESULTS -->", "<!-- /RESULTS -->"
@@ -33,7 +34,7 @@ def block(run: str) -> str:
         raise DvlibError(f"{results}: no table_accuracy.md; run `dvlib run --run {run}` (notebook 06) first")
     settings = json.loads((results / "run.json").read_text())
     steps = json.loads((reports / "steps.json").read_text())
-    ran = [s for s in steps if s["status"] == "ran"]
+    ran = [s for s in steps if s["status"] == "ran" and s["step"] in CHAIN]  # the main chain's times
     prov = json.loads((results / "provenance.json").read_text()) if (results / "provenance.json").exists() else {}
     reps = read_csv(results / "restore_eval.csv")[["split_seed", "train_seed"]].drop_duplicates()
     split_seeds, train_seeds = sorted(reps["split_seed"].unique().tolist()), sorted(reps["train_seed"].unique().tolist())
@@ -46,8 +47,10 @@ def block(run: str) -> str:
              f"after the paper's restore epoch), from [`reports/{run}/results/table_accuracy.md`]"
              f"(reports/{run}/results/table_accuracy.md):", "",
              (results / "table_accuracy.md").read_text().strip(), "",
-             "What the paired tests say (06_results: per-image predictions paired across models):", "",
-             headline(results), ""]
+             f"What the paired tests say (06_results; every claim, with and without each restore: "
+             f"[`claims_accuracy.md`](reports/{run}/results/claims_accuracy.md)). A difference is called only "
+             f"where the paired t-test over replicates survives Holm's correction:", "",
+             headline(results, restore_mode="finetune_epoch"), "", headline(results, restore_mode="recalibrate"), ""]
     fig = ROOT / "figures" / run / "fig2_layerwise_cosine.png"
     if fig.exists():
         lines += [f"![Figure 2: layer-wise cosine similarity of each data vector to Full Training's]"
@@ -57,7 +60,8 @@ def block(run: str) -> str:
         per = ", ".join(f"{s['step']} {minutes(s['seconds'])}" for s in ran)
         cpu = f"{device.get('name', '?')}, {device.get('threads', '?')} threads" if device.get("device") == "cpu" \
             else device.get("name", "?")
-        lines += [f"Run time: {minutes(total)} in all on {cpu} ({per}). Executed notebooks: "
+        notes = "; ".join(f"{s['step']}: {s['note']}" for s in ran if s.get("note"))
+        lines += [f"Run time: {minutes(total)} in all on {cpu} ({per}){f'. Note: {notes}' if notes else ''}. Executed notebooks: "
                   f"[`reports/{run}/`](reports/{run}/).", ""]
     return "\n".join(lines)
 
