@@ -297,6 +297,8 @@ def trim_imports(cells: list) -> list:
         text = text.replace("import torch\n", "")
     if "Markdown(" not in body:
         text = text.replace("from IPython.display import Markdown, display", "from IPython.display import display")
+    if "reporting." not in body:
+        text = text.replace("from dvlib import reporting\n", "")
     return [code(text) if c.cell_type == "code" and c.source == IMPORTS else c for c in cells]
 
 
