@@ -19,6 +19,7 @@ from dvlib.experiment import privacy as xa  # noqa: E402
 from dvlib.files import load_model, load_vector  # noqa: E402
 from dvlib.io import DvlibError  # noqa: E402
 from dvlib.reporting import privacy as rp  # noqa: E402
+from dvlib.reporting.privacy_figures import plot_privacy_utility, plot_roc  # noqa: E402
 from dvlib.reporting.privacy_summary import privacy_summary  # noqa: E402
 from dvlib.vectors import BN_STAT, COUNTER  # noqa: E402
 
@@ -154,9 +155,9 @@ def test_report_from_the_result_files(run, tmp_path):
     dp = rp.dp_table(run.dir)
     assert ("4", "merged, no restore") in dp.index and dp.loc[("4", "merged, no restore"), "DP guarantee"] == "yes"
     assert dp.loc[("4", "merged + BN recalibrate"), "DP guarantee"] == "no"
-    fig = rp.plot_roc(run.dir, out=tmp_path / "roc")
+    fig = plot_roc(run.dir, out=tmp_path / "roc")
     assert fig._suptitle.get_text() and (tmp_path / "roc.png").exists()
-    fig = rp.plot_privacy_utility(run.dir, out=tmp_path / "utility")
+    fig = plot_privacy_utility(run.dir, out=tmp_path / "utility")
     assert fig._suptitle.get_text() and (tmp_path / "utility.pdf").exists()
     text = privacy_summary(run.dir)
     for phrase in ("Sanity check", "exactly 0.5", "What a hospital should conclude", "differential privacy", "per image"):
