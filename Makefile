@@ -12,7 +12,7 @@ PRESET   ?= quick
 DATASET  ?= pad_ufes_20
 RUN      ?= $(PRESET)-$(DATASET)
 
-.PHONY: venv test report report-noniid report-federated report-privacy readme-results smoke notebooks lab bench clean
+.PHONY: venv test report report-noniid report-seeds report-federated report-privacy readme-results smoke notebooks lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,6 +36,19 @@ report: venv
 report-noniid: venv
 	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds $(SEEDS) --train-seeds $(TRAIN_SEEDS) \
 		--scheme dirichlet --alpha 0.5 --run $(RUN)-dirichlet0.5
+
+# training noise on fixed splits (issue 18): split seed 0, training seeds 0-4, IID and Dirichlet hospitals on the
+# same test patients (--test-design shared). Full Training trains on the same pooled images under either
+# scheme, so only the IID run trains it; the restore epoch is run for the data vector only.
+NOISE_RUN ?= seeds-$(DATASET)
+NOISE_SEEDS ?= 0 1 2 3 4
+report-seeds: venv
+	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds 0 --train-seeds $(NOISE_SEEDS) \
+		--test-design shared --run $(NOISE_RUN)-iid --finetune-methods data_vector
+	$(VENV)/bin/dvlib run --preset $(PRESET) --dataset $(DATASET) --seeds 0 --train-seeds $(NOISE_SEEDS) \
+		--test-design shared --scheme dirichlet --alpha 0.5 --run $(NOISE_RUN)-dirichlet0.5 --finetune-methods data_vector \
+		--hospitals 1 2 3 4 --steps 01_split_data 02_finetune_hospitals 03_merge 04_restore_bn
+	$(PY) tools/training_noise.py $(NOISE_RUN)-iid $(NOISE_RUN)-dirichlet0.5 --split-run $(RUN) --out reports/$(NOISE_RUN)
 
 # notebooks 07 (Flower: FedAvg, FedBN) and 08 (membership inference, DP-SGD hospitals) on the report's run,
 # after `make report`, for every split seed and the first training seed; 08 with one epsilon is about 40

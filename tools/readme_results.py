@@ -66,9 +66,20 @@ def block(run: str) -> str:
     return "\n".join(lines)
 
 
+def noise_block(folder: Path) -> str:
+    """The training-noise tables of ``tools/training_noise.py`` (``make report-seeds``), as written."""
+    rel = folder.relative_to(ROOT)
+    text = (folder / "README.md").read_text().split("\n", 1)[1].strip()  # its own title dropped
+    text = text.replace("\n## ", "\n#### ")
+    return "\n".join([f"### Training noise on a fixed split: [`{rel}/`]({rel}/README.md)", "", text, ""])
+
+
 def main(argv: list[str]) -> int:
+    # the training-noise runs (make report-seeds) get their own block, not the main report's
+    noise = sorted(p.parent for p in (ROOT / "reports").glob("*/scheme_gap.md"))
+    skip = {"smoke"} | {f"{d.name}-" for d in noise}
     runs = argv or sorted(p.parent.parent.name for p in (ROOT / "reports").glob("*/results/table_accuracy.md")
-                          if not p.parent.parent.name.startswith("smoke"))
+                          if not any(p.parent.parent.name.startswith(k) for k in skip))
     if not runs:
         print("readme_results: error: no report under reports/ has results/table_accuracy.md; run `make report`",
               file=sys.stderr)
@@ -81,7 +92,7 @@ def main(argv: list[str]) -> int:
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1] if END in rest else rest
     try:
-        body = "\n".join(block(r) for r in runs)
+        body = "\n".join([block(r) for r in runs] + [noise_block(d) for d in noise])
     except DvlibError as e:
         print(f"readme_results: error: {e}", file=sys.stderr)
         return 2

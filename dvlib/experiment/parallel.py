@@ -55,9 +55,10 @@ def _job(fn: Callable, args: tuple) -> tuple[str, float]:
         raise DvlibError(f"fine-tuning {args[-1]} (seeds {args[1:-1]}) on {dev} failed: {type(e).__name__}: {e}") from e
 
 
-def run_parallel(fn: Callable, jobs: list[tuple], devices: list[str], log=print) -> None:
+def run_parallel(fn: Callable, jobs: list[tuple], devices: list[str], log=print, name: Callable = str) -> None:
     """``fn(*job, device)`` for every job, one spawned worker process per device (CUDA cannot be used
-    in forked children); the first failure stops the rest and is raised."""
+    in forked children); the first failure stops the rest and is raised. ``name(job)`` labels a job in
+    the log."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
@@ -76,5 +77,5 @@ def run_parallel(fn: Callable, jobs: list[tuple], devices: list[str], log=print)
                 raise f.exception()
         for f, job in futures.items():
             dev, sec = f.result()
-            log(f"{job}: {sec:.1f} s on {dev}")
+            log(f"{name(job)}: {sec:.1f} s on {dev}")
     log(f"{len(jobs)} models on {len(devices)} devices in {time.perf_counter() - t0:.1f} s")

@@ -152,7 +152,8 @@ def step_finetune(run: Run, targets: Iterable[str] | None = None, overwrite: boo
         jobs = [(size[s, m], s, t, m) for s, t in run.replicates for m in targets
                 if overwrite or not run.model_path(s, t, m).exists()]
         if len(devs) > 1 and len(jobs) > 1:
-            run_parallel(_finetune_job, [(run, s, t, m) for _, s, t, m in sorted(jobs, key=lambda j: -j[0])], devs, log)
+            run_parallel(_finetune_job, [(run, s, t, m) for _, s, t, m in sorted(jobs, key=lambda j: -j[0])], devs, log,
+                         name=lambda job: f"split {job[1]} train {job[2]} {job[3]}")
         for i, (_, s, t, m) in enumerate(jobs if len(devs) == 1 or len(jobs) <= 1 else []):
             log(f"[{i + 1}/{len(jobs)}] split {s} train {t} {m}: {finetune_one(run, s, t, m, devs[0], progress):.1f} s")
         if jobs:
