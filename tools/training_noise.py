@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from dvlib.io import DvlibError, write_text, write_csv  # noqa: E402
 from dvlib.reporting.claims import variance_table  # noqa: E402
-from dvlib.reporting.noise import against, noise_table, scheme_gap  # noqa: E402
+from dvlib.reporting.noise import against, noise_table, scheme_gap, scores  # noqa: E402
 
 
 def results(run: str) -> Path:
@@ -50,19 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the tables")
     a = ap.parse_args(argv)
     try:
-        noise = noise_table({a.a: results(a.a), a.b: results(a.b)}, a.metric)
-        gap = scheme_gap(results(a.a), results(a.b), a.metric)
-        ref = scores_ref = None  # the run whose Full Training is the reference, and that table
-        tables = {"noise_table": noise, "scheme_gap": gap}
-        for run in (a.a, a.b):  # Full Training, where a run has it, against every model of both runs
-            try:
-                scores_ref = against({a.a: results(a.a), a.b: results(a.b)}, results(run), metric=a.metric)
-                ref = run
-                break
-            except DvlibError:
-                continue
-        if scores_ref is not None:
-            tables["against_full_training"] = scores_ref
+        runs = {a.a: results(a.a), a.b: results(a.b)}
+        tables = {"noise_table": noise_table(runs, a.metric), "scheme_gap": scheme_gap(runs[a.a], runs[a.b], a.metric)}
+        # Full Training of the first run that has it is the reference for every model of both runs
+        ref = next((r for r in runs if "Full Training" in set(scores(runs[r], a.metric)["model"])), None)
+        if ref is not None:
+            tables["against_full_training"] = against(runs, runs[ref], metric=a.metric)
         if a.split_run:
             tables["split_variance"] = variance_table({a.split_run: results(a.split_run)}, a.metric)
         out = Path(a.out)  # made only once every table is computed: a refused input leaves nothing

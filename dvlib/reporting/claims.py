@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dvlib import stats
+from dvlib.reporting.noise import BASE_MODEL, model_rows
 from dvlib.reporting.tables import (METRIC_LABELS, PAPER_COLUMNS, REPLICATE, RESTORE_LABELS, load_results,
                                     paper_rows, results_dir)
 
@@ -132,14 +133,7 @@ def variance_table(runs: dict, metric: str = "accuracy", eval_on: str = "pooled"
     in percentage points (standard deviations)."""
     rows = []
     for label, results in runs.items():
-        ft = load_results(results, "finetune_eval")
-        frames = {"Full Training": ft[ft["method"] == "full_training"]}
-        try:
-            rs = load_results(results, "restore_eval")
-            for r in ("none", "recalibrate", "finetune_epoch"):
-                frames[f"Data Vector ({RESTORE_LABELS[r]})"] = rs[(rs["method"] == "data_vector") & (rs["restore"] == r)]
-        except Exception:  # noqa: BLE001 - a run of Full Training alone has no restore results
-            pass
+        frames = {m: df for m, (_, df) in model_rows(results).items() if m != BASE_MODEL}  # one row per cell
         for model, df in frames.items():
             df = df[df["eval_on"] == eval_on]
             if df.empty or df["train_seed"].nunique() < 2 or df["split_seed"].nunique() < 2:

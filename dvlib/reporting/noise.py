@@ -19,13 +19,15 @@ from dvlib.io import DvlibError
 from dvlib.reporting.tables import RESTORE_LABELS, load_results, results_dir
 
 RESTORES = ("none", "recalibrate", "finetune_epoch")
+BASE_MODEL = "Base Model (mean of the hospitals)"  # several models per replicate: averaged in scores()
 
 
-def _models(results) -> dict[str, tuple[str, pd.DataFrame]]:
-    """Model label -> (the file its rows come from, its rows)."""
+def model_rows(results) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Model label -> (the file its rows come from, its rows): Full Training, the hospitals' own
+    models, and the data-vector merge after each restore (where the run has it)."""
     ft = load_results(results, "finetune_eval")
     out = {"Full Training": ("finetune", ft[ft["method"] == "full_training"]),
-           "Base Model (mean of the hospitals)": ("finetune", ft[ft["method"] == "base_model"])}
+           BASE_MODEL: ("finetune", ft[ft["method"] == "base_model"])}
     try:
         rs = load_results(results, "restore_eval")
     except DvlibError:  # a run without the merge: its fine-tuned models only
@@ -39,7 +41,7 @@ def scores(results, metric: str = "accuracy", eval_on: str = "pooled") -> pd.Dat
     """One row per (model, split seed, training seed): the pooled score (the hospitals' own models
     averaged, as the paper's Base Model column)."""
     rows = []
-    for model, (_, df) in _models(results).items():
+    for model, (_, df) in model_rows(results).items():
         df = df[df["eval_on"] == eval_on]
         for (s, t), g in df.groupby(["split_seed", "train_seed"]):
             rows.append({"model": model, "split_seed": int(s), "train_seed": int(t), metric: float(g[metric].mean())})
@@ -65,7 +67,7 @@ def noise_table(runs: dict, metric: str = "accuracy") -> pd.DataFrame:
 def _pooled_preds(results, model: str) -> pd.DataFrame:
     """Per-image predictions of one :func:`scores` model over the pooled test set (all hospitals'
     test splits together), one row per (split seed, training seed, image)."""
-    source, rows = _models(results)[model]
+    source, rows = model_rows(results)[model]
     preds = pd.read_csv(results_dir(results) / f"{source}_predictions.csv.gz")
     keys = rows[["model", "method", "restore"]].drop_duplicates()
     preds = preds.merge(keys, on=["model", "method", "restore"])
