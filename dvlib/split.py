@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from dvlib.data.base import DatasetIndex
 from dvlib.io import DvlibError, atomic_path
@@ -84,7 +83,10 @@ def _stratified_groups(rec: pd.DataFrame, k: int, seed: int, pick: int | None = 
     if k_eff < 2:
         return np.zeros(len(rec), bool) if pick is not None else np.zeros(len(rec), int)
     # StratifiedGroupKFold warns when a class has fewer members than folds; the folds are still valid.
+    # sklearn is imported here, not above: every notebook kernel imports this module, few make splits.
     import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
 
     cv = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=seed)
     fold = np.zeros(len(rec), int)

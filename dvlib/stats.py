@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
 
 from dvlib.io import DvlibError
 
@@ -108,6 +107,9 @@ def _n_boot(n_boot) -> int:
 # ---------------------------------------------------------------- replicate-level
 def mean_interval(values, confidence: float = 0.95) -> Interval:
     """Mean over replicate cells with a Student-t interval (n=1: low = high = nan)."""
+    # scipy is imported where it is used, not above: notebook kernels that make no interval start faster
+    from scipy import stats as _st
+
     c, v = _confidence(confidence), _values(values, "values")
     m, n = float(v.mean()), v.size
     if n == 1:
@@ -129,6 +131,8 @@ def paired_t(diffs, confidence: float = 0.95) -> Comparison:
     elif np.all(d == d[0]):
         p = 1.0 if d[0] == 0 else 0.0
     else:
+        from scipy import stats as _st
+
         p = float(_st.ttest_1samp(d, 0.0).pvalue)
     return Comparison(iv.estimate, iv.low, iv.high, p, d.size, "paired t")
 
@@ -138,6 +142,8 @@ def sign_test(diffs, tol: float = 0.0) -> SignTest:
     d = _values(diffs, "diffs")
     wins, losses = int(np.sum(d > tol)), int(np.sum(d < -tol))
     ties = d.size - wins - losses
+    from scipy import stats as _st
+
     p = float(_st.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else 1.0
     return SignTest(wins, ties, losses, p)
 

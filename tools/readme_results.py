@@ -74,6 +74,20 @@ def noise_block(folder: Path) -> str:
     return "\n".join([f"### Training noise on a fixed split: [`{rel}/`]({rel}/README.md)", "", text, ""])
 
 
+def federated_block(folder: Path) -> str:
+    """Notebook 07 under both split schemes (``tools/federated_schemes.py``, ``make report-federated``):
+    the pooled-accuracy table and each run's accuracy paragraph, as written; the rest is linked."""
+    rel = folder.relative_to(ROOT)
+    text = (folder / "README.md").read_text().replace("](../", "](reports/").split("\n## ")
+    keep = [text[0].split("\n", 1)[1].strip()]
+    keep += [f"#### {t.strip()}" for t in text[1:] if t.startswith("Accuracy: all test images")]
+    keep += [f"#### {t.split(chr(10) * 2)[0]}\n\n{t.split(chr(10) * 2)[1].strip()}" for t in text[1:]
+             if t.startswith("Where each wins")]  # its accuracy paragraph
+    return "\n".join([f"### Federated learning on Flower against one data-vector exchange: [`{rel}/`]({rel}/README.md)",
+                      "", "\n\n".join(keep), "", f"Balanced accuracy and the per-hospital tables: [`{rel}/README.md`]"
+                      f"({rel}/README.md).", ""])
+
+
 def main(argv: list[str]) -> int:
     # the training-noise runs (make report-seeds) get their own block, not the main report's
     noise = sorted(p.parent for p in (ROOT / "reports").glob("*/scheme_gap.md"))
@@ -92,7 +106,8 @@ def main(argv: list[str]) -> int:
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1] if END in rest else rest
     try:
-        body = "\n".join([block(r) for r in runs] + [noise_block(d) for d in noise])
+        federated = sorted(p.parent for p in (ROOT / "reports").glob("*/federated_accuracy_pooled.md"))
+        body = "\n".join([block(r) for r in runs] + [noise_block(d) for d in noise] + [federated_block(d) for d in federated])
     except DvlibError as e:
         print(f"readme_results: error: {e}", file=sys.stderr)
         return 2

@@ -18,18 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dvlib.io import DvlibError, write_text, write_csv  # noqa: E402
+from dvlib.io import DvlibError, write_text  # noqa: E402
 from dvlib.reporting.claims import variance_table  # noqa: E402
 from dvlib.reporting.noise import against, noise_table, scheme_gap, scores  # noqa: E402
+from dvlib.reporting.tables import committed_results, write_tables  # noqa: E402
 
 
 def results(run: str) -> Path:
-    """A committed report's results folder (``reports/<run>/results``), or a results folder given as a path."""
-    p = ROOT / "reports" / run / "results"
-    p = p if p.is_dir() or not Path(run).is_dir() else Path(run)
-    if not (p / "finetune_eval.csv").exists():
-        raise DvlibError(f"{p}: no finetune_eval.csv; run `dvlib run --run {run}` first (make report-seeds)")
-    return p
+    return committed_results(run, "finetune_eval.csv", "make report-seeds")
 
 
 def describe(run: str) -> str:
@@ -58,11 +54,7 @@ def main(argv=None) -> int:
             tables["against_full_training"] = against(runs, runs[ref], metric=a.metric)
         if a.split_run:
             tables["split_variance"] = variance_table({a.split_run: results(a.split_run)}, a.metric)
-        out = Path(a.out)  # made only once every table is computed: a refused input leaves nothing
-        out.mkdir(parents=True, exist_ok=True)
-        for name, df in tables.items():
-            write_csv(out / f"{name}.csv", df)
-            write_text(out / f"{name}.md", df.to_markdown(index=False, floatfmt=".3g") + "\n")
+        out = write_tables(a.out, tables, floatfmt=".3g")  # only once every table is computed: a refused input leaves nothing
         text = [f"# Training noise on a fixed split ({a.metric}, pooled test set)", "",
                 f"Made by `python tools/training_noise.py {a.a} {a.b}"
                 f"{f' --split-run {a.split_run}' if a.split_run else ''} --out {a.out}` from the runs' result files.",

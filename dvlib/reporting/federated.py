@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from dvlib.io import DvlibError
 from dvlib.reporting.figures import _finish
 from dvlib.reporting.tables import (
     METRIC_LABELS,
@@ -141,6 +142,50 @@ def comparison_frame(results, metric: str = "accuracy", scope: str = "pooled",
     return pd.DataFrame(out)
 
 
+def mean_sd(values: pd.Series, scale: float = 100.0) -> str:
+    """``"62.8 ± 1.9"``: mean and sample standard deviation over replicates (``"62.8"`` for one)."""
+    v = values.dropna().to_numpy(dtype=float) * scale
+    return "–" if not v.size else f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if v.size > 1 else "")
+
+
+def scheme_table(runs, metric: str = "accuracy", scope: str = "pooled", reference: str = "recalibrate") -> pd.DataFrame:
+    """Each setting (rows) in each run (``runs``: {name: results}, e.g. IID and Dirichlet hospitals):
+    ``metric`` in % as mean ± sd over replicates, and its difference from the data vector with restore
+    ``reference`` in the same run, paired by replicate (mean [95 % t-interval]). Synchronous rounds
+    and MB sent per hospital, which do not depend on the split, from the first run."""
+    out, costs = {}, None
+    for name, results in runs.items():
+        df = federated_rows(results)
+        df = _order(df[df["scope"] == scope])
+        ref = df[(df["method"] == "data_vector") & (df["restore"] == reference)].set_index(REPLICATE)[metric]
+        if ref.empty:
+            raise DvlibError(f"{name}: no data-vector rows with restore {reference!r} in federated_eval.csv")
+        cols = {}
+        for key, g in df.groupby(["method", "restore", "rounds"], sort=False):
+            g = g.set_index(REPLICATE)
+            both = g.index.intersection(ref.index)
+            diff = paired_t((g.loc[both, metric] - ref.loc[both]).to_numpy()) if len(both) else None
+            cols[key] = {f"{name}: {METRIC_LABELS[metric]}": mean_sd(g[metric]),
+                         f"{name}: minus DV + {RESTORE_LABELS[reference]} (points)":
+                             "reference" if key == ("data_vector", reference, 1) else
+                             "–" if diff is None else diff.fmt() if diff.n > 1 else f"{100 * diff.diff:+.1f}"}
+        if costs is None:
+            costs = {key: {"synchronous rounds": int(g["sync_rounds"].iloc[0]),
+                           "MB sent per hospital": round(float(g["bytes_up_per_hospital"].mean()) / 1e6, 1)}
+                     for key, g in df.groupby(["method", "restore", "rounds"], sort=False)}
+        out[name] = cols
+    keys = list(costs)
+    for cols in out.values():
+        keys += [k for k in cols if k not in keys]
+    rows = []
+    for key in keys:
+        row = {"setting": setting_label(*key), **costs.get(key, {})}
+        for cols in out.values():
+            row.update(cols.get(key, {}))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _verdict(r) -> str:
     """``wins``/``loses``/``ties`` for the federated setting against the data vector."""
     if not (np.isfinite(r["low"]) and np.isfinite(r["high"])):
@@ -236,6 +281,8 @@ __all__ = [
     "federated_summary",
     "federated_table",
     "plot_bytes",
+    "mean_sd",
     "plot_rounds",
+    "scheme_table",
     "setting_label",
 ]

@@ -31,6 +31,29 @@ def results_dir(results: str | os.PathLike) -> Path:
     return p / "results" if (p / "results").is_dir() else p
 
 
+def committed_results(run: str, needs: str, make: str) -> Path:
+    """A committed report's results folder, ``reports/<run>/results`` of the project, or a run or
+    results folder given as a path, holding ``needs`` (e.g. ``finetune_eval.csv``); ``make`` names
+    what writes it, for the error."""
+    from dvlib.runs import project_root
+
+    p = project_root() / "reports" / run / "results"
+    p = p if p.is_dir() or not Path(run).is_dir() else results_dir(run)
+    if not (p / needs).exists():
+        raise DvlibError(f"{p}: no {needs}; run `dvlib run --run {run}` first ({make})")
+    return p
+
+
+def write_tables(out: str | os.PathLike, tables: dict, **markdown) -> Path:
+    """Each table as ``<out>/<name>.csv`` and ``<out>/<name>.md`` (``markdown``: ``to_markdown`` options)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        write_csv(out / f"{name}.csv", df)
+        write_text(out / f"{name}.md", df.to_markdown(index=False, **markdown) + "\n")
+    return out
+
+
 def load_results(results: str | os.PathLike, step: str) -> pd.DataFrame:
     """``<run>/results/<step>.csv`` (``results``: the run folder or its results folder)."""
     path = results_dir(results) / f"{step}.csv"
