@@ -10,6 +10,7 @@ the chain with its name and the failing cell.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -91,8 +92,21 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
         records = _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps, overwrite, html, log)
     default_reports = not reports_dir
     publish_results(the_run, reports / "results", root / "data" / "splits" / run if default_reports else reports / "splits")
-    write_json(reports / "steps.json", records)
+    write_json(reports / "steps.json", merge_steps(reports / "steps.json", records))
     return records
+
+
+def merge_steps(path: Path, records: list[dict]) -> list[dict]:
+    """The report's step records: this invocation's, and an earlier one's for every step not run now
+    (``--steps 07_federated`` on a finished chain keeps the chain's times), in notebook order."""
+    try:
+        earlier = json.loads(Path(path).read_text()) if Path(path).exists() else []
+    except (OSError, ValueError) as e:
+        raise DvlibError(f"{path}: unreadable step records ({e}); remove it to start them again") from None
+    now = {r["step"] for r in records}
+    order = [s for s, _ in STEPS]
+    kept = [r for r in earlier if isinstance(r, dict) and r.get("step") in order and r["step"] not in now]
+    return sorted(kept + records, key=lambda r: order.index(r["step"]))
 
 
 ENV_PATHS = ("DVLIB_DATA", "DVLIB_RUNS", "DVLIB_RESNET50")
@@ -212,8 +226,14 @@ def publish_results(run, dest: Path, splits: Path | None = None) -> Path:
     for f in sorted((run.dir / "results").glob("*")):
         if f.suffix in (".csv", ".md", ".json", ".gz"):
             shutil.copyfile(f, dest / f.name)
-    write_json(dest / "run.json", {**run.settings, "run": run.name, "split_seeds": run.split_seeds,
-                                   "train_seeds": run.train_seeds})
+    seeds = {"split_seeds": list(run.split_seeds), "train_seeds": list(run.train_seeds)}
+    try:  # a later invocation on some replicates (e.g. --train-seeds 0 for notebook 07) keeps the others
+        earlier = json.loads((dest / "run.json").read_text()) if (dest / "run.json").exists() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    if all(earlier.get(k) == v for k, v in run.settings.items()):
+        seeds = {k: sorted(set(v) | set(earlier.get(k) or [])) for k, v in seeds.items()}
+    write_json(dest / "run.json", {**run.settings, "run": run.name, **seeds})
     if splits is not None:
         splits.mkdir(parents=True, exist_ok=True)
         for s in run.split_seeds:

@@ -80,6 +80,9 @@ def test_comparison_and_summary_say_where_each_wins(tmp_path):
 def test_tool_writes_both_schemes_and_refuses_a_missing_run(tmp_path):
     a = _eval(tmp_path / "runs" / "x-iid" / "results", ACC)
     b = _eval(tmp_path / "runs" / "x-dir" / "results", ACC)
+    pd.DataFrame([{"split_seed": 0, "train_seed": t, "check": "fedavg-1 == run's merged_weighted", "max_abs_diff": d,
+                   "bit_identical": d == 0} for t, d in enumerate([0.0, 2e-7, 0.0])]).to_csv(a / "federated_checks.csv",
+                                                                                           index=False)
     out = tmp_path / "out"
     tool = [sys.executable, str(ROOT / "tools" / "federated_schemes.py")]
     r = subprocess.run(tool + [str(a.parent), str(b.parent), "--out", str(out)], capture_output=True, text=True)
@@ -87,6 +90,8 @@ def test_tool_writes_both_schemes_and_refuses_a_missing_run(tmp_path):
     md = (out / "README.md").read_text()
     assert "iid: Accuracy (%)" in md and "dir: Accuracy (%)" in md and "## Where each wins" in md
     assert len(list(out.glob("federated_*.csv"))) == 4
+    assert "| fedavg-1 == run's merged_weighted |          2e-07 |               2 |            3 |" in md
+    assert "x-dir`: no `federated_checks.csv`." in md
     r = subprocess.run(tool + [str(a.parent), str(tmp_path / "nope"), "--out", str(tmp_path / "out2")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no federated_eval.csv" in r.stderr and "Traceback" not in r.stderr

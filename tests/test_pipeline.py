@@ -187,3 +187,29 @@ def test_relative_data_paths_mean_what_they_mean_where_the_chain_starts(tmp_path
     shards = pd.read_csv(pad_root.parent / "runs" / "t-rel" / "results" / "shards.csv")
     assert shards["patients"].sum() == 36
     assert os.environ["DVLIB_DATA"] == pad_root.name
+
+
+def test_a_later_step_keeps_the_reports_earlier_step_records_and_seeds(tmp_path):
+    """``dvlib run --steps 07_federated --train-seeds 0`` on a finished chain: steps.json keeps the
+    chain's records and results/run.json every seed the report's files hold."""
+    import json
+
+    from dvlib.io import DvlibError
+    from dvlib.pipeline import merge_steps, publish_results
+    from dvlib.runs import open_run
+
+    steps = tmp_path / "steps.json"
+    steps.write_text(json.dumps([{"step": "01_split_data", "status": "ran", "seconds": 3.0},
+                                 {"step": "07_federated", "status": "ran", "seconds": 9.0}]))
+    merged = merge_steps(steps, [{"step": "07_federated", "status": "ran", "seconds": 5.0},
+                                 {"step": "02_finetune_hospitals", "status": "skipped", "seconds": 0.0}])
+    assert [(r["step"], r["seconds"]) for r in merged] == [("01_split_data", 3.0), ("02_finetune_hospitals", 0.0),
+                                                          ("07_federated", 5.0)]
+    steps.write_text("{not json")
+    with pytest.raises(DvlibError, match="steps.json: unreadable step records"):
+        merge_steps(steps, [])
+    dest = tmp_path / "results"
+    publish_results(open_run("r", "smoke", seeds=[0, 1], train_seeds=[0, 1], root=tmp_path / "runs"), dest)
+    publish_results(open_run("r", "smoke", seeds=[0], train_seeds=[0], root=tmp_path / "runs"), dest)
+    published = json.loads((dest / "run.json").read_text())
+    assert published["split_seeds"] == [0, 1] and published["train_seeds"] == [0, 1]
