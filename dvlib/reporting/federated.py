@@ -153,37 +153,24 @@ def scheme_table(runs, metric: str = "accuracy", scope: str = "pooled", referenc
     ``metric`` in % as mean ± sd over replicates, and its difference from the data vector with restore
     ``reference`` in the same run, paired by replicate (mean [95 % t-interval]). Synchronous rounds
     and MB sent per hospital, which do not depend on the split, from the first run."""
-    out, costs = {}, None
+    rows: dict[tuple, dict] = {}  # (method, restore, rounds) -> the table's row, in the first run's order
     for name, results in runs.items():
         df = federated_rows(results)
         df = _order(df[df["scope"] == scope])
         ref = df[(df["method"] == "data_vector") & (df["restore"] == reference)].set_index(REPLICATE)[metric]
         if ref.empty:
             raise DvlibError(f"{name}: no data-vector rows with restore {reference!r} in federated_eval.csv")
-        cols = {}
         for key, g in df.groupby(["method", "restore", "rounds"], sort=False):
+            row = rows.setdefault(key, {"setting": setting_label(*key), "synchronous rounds": int(g["sync_rounds"].iloc[0]),
+                                        "MB sent per hospital": round(float(g["bytes_up_per_hospital"].mean()) / 1e6, 1)})
             g = g.set_index(REPLICATE)
             both = g.index.intersection(ref.index)
             diff = paired_t((g.loc[both, metric] - ref.loc[both]).to_numpy()) if len(both) else None
-            cols[key] = {f"{name}: {METRIC_LABELS[metric]}": mean_sd(g[metric]),
-                         f"{name}: minus DV + {RESTORE_LABELS[reference]} (points)":
-                             "reference" if key == ("data_vector", reference, 1) else
-                             "–" if diff is None else diff.fmt() if diff.n > 1 else f"{100 * diff.diff:+.1f}"}
-        if costs is None:
-            costs = {key: {"synchronous rounds": int(g["sync_rounds"].iloc[0]),
-                           "MB sent per hospital": round(float(g["bytes_up_per_hospital"].mean()) / 1e6, 1)}
-                     for key, g in df.groupby(["method", "restore", "rounds"], sort=False)}
-        out[name] = cols
-    keys = list(costs)
-    for cols in out.values():
-        keys += [k for k in cols if k not in keys]
-    rows = []
-    for key in keys:
-        row = {"setting": setting_label(*key), **costs.get(key, {})}
-        for cols in out.values():
-            row.update(cols.get(key, {}))
-        rows.append(row)
-    return pd.DataFrame(rows)
+            row[f"{name}: {METRIC_LABELS[metric]}"] = mean_sd(g[metric])
+            row[f"{name}: minus DV + {RESTORE_LABELS[reference]} (points)"] = (
+                "reference" if key == ("data_vector", reference, 1) else
+                "–" if diff is None else diff.fmt() if diff.n > 1 else f"{100 * diff.diff:+.1f}")
+    return pd.DataFrame(list(rows.values()))
 
 
 def _verdict(r) -> str:
