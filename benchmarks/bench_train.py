@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dvlib import models  # noqa: E402
+from dvlib.bn import fold_bn  # noqa: E402
 from dvlib.data import load_dataset  # noqa: E402
 from dvlib.io import DvlibError, write_json  # noqa: E402
 from dvlib.loader import ImageCache, cache_size_for  # noqa: E402
@@ -233,16 +234,20 @@ def raw_throughput(arch: str, num_classes: int, batch: int, size: int, steps: in
 
 
 def raw_forward(arch: str, num_classes: int, batch: int, size: int, steps: int, warmup: int, repeats: int,
-                device: torch.device, mode: str = "eval", bf16: bool = False, layout: str | None = None) -> dict:
-    """Forward passes on one synthetic batch on the device: ``eval`` as :func:`dvlib.train.predict`
-    runs them (eval mode, inference mode), ``recalibrate`` as BN recalibration does (train mode, no
-    gradients). ``bf16``: under bf16 autocast (on a CPU too)."""
+                device: torch.device, mode: str = "eval", bf16: bool = False, layout: str | None = None,
+                folded: bool = False) -> dict:
+    """Forward passes on one synthetic batch on the device: ``eval`` in eval mode and inference mode,
+    as :func:`dvlib.train.predict` runs them but with the network's BatchNorms as they are (the floor's
+    speed), ``recalibrate`` as BN recalibration does (train mode, no gradients). ``bf16``: under bf16
+    autocast (on a CPU too); ``folded``: through :func:`dvlib.bn.fold_bn`'s copy, as ``predict`` runs."""
     model = models.build(arch, num_classes, weights="random", seed=0)
     cl = _layout(model, device, layout)
     model.train(mode == "recalibrate")
     x = torch.rand(batch, 3, size, size, device=device, generator=torch.Generator(device=device).manual_seed(0))
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
+    if folded:
+        model, _ = fold_bn(model, x[:1])
     grad = torch.inference_mode if mode == "eval" else torch.no_grad
 
     def step():
@@ -251,8 +256,8 @@ def raw_forward(arch: str, num_classes: int, batch: int, size: int, steps: int, 
 
     t = _time_steps(step, steps, warmup, repeats, device)
     return {"img_per_s": steps * batch / t["dt"], "ms_per_batch": 1000 * t["dt"] / steps, "batches": steps,
-            "batch_size": batch, "mode": mode, "bf16": bf16, "layout": "channels_last" if cl else "nchw",
-            "repeats_s": t["repeats_s"]}
+            "batch_size": batch, "mode": mode, "bf16": bf16, "folded": folded,
+            "layout": "channels_last" if cl else "nchw", "repeats_s": t["repeats_s"]}
 
 
 # --- (b) dvlib's fit on real images --------------------------------------------------------------
@@ -358,6 +363,20 @@ def bf16_error(arch: str, weights: str, cache: ImageCache, num_classes: int, siz
                                                for k in v0)}
 
 
+def fold_error(arch: str, weights: str, cache: ImageCache, num_classes: int, size: int, batch: int,
+               device: torch.device) -> dict:
+    """What folding BatchNorm into the convolutions does to evaluation: class probabilities of one
+    model (the protocol's weights) on every cached image through :func:`dvlib.train.predict`, with
+    and without the fold."""
+    model = models.build(arch, num_classes, weights=weights, seed=0)
+    rows = torch.arange(len(cache.images))
+    out = {on: torch.from_numpy(predict(model, cache, rows, size=size, batch_size=batch, device=device, fold=on))
+           for on in (False, True)}
+    p0, p1 = out[False], out[True]
+    return {"weights": weights, "images": len(rows), "max_abs_prob_diff": float((p0 - p1).abs().max()),
+            "argmax_agreement": float((p0.argmax(1) == p1.argmax(1)).float().mean())}
+
+
 def knobs(arch: str, weights: str, cache: ImageCache, labels: torch.Tensor, num_classes: int, size: int,
           batch: int, eval_batch: int, bn_batch: int, device: torch.device, steps: int, warmup: int, repeats: int,
           threads: list[int], eval_batches: list[int], on_row=None) -> dict:
@@ -387,9 +406,10 @@ def knobs(arch: str, weights: str, cache: ImageCache, labels: torch.Tensor, num_
             add(knob="dvlib", threads=th,
                 fit=fit_throughput(arch, cache, labels, num_classes, batch, size, steps, warmup, repeats, device, False),
                 predict=predict_throughput(arch, cache, num_classes, eval_batch, size, repeats, device))
-            for b in eval_batches:
+            for b in eval_batches:  # as the floor counts it, and as predict runs it (BatchNorm folded)
                 add(knob="eval_batch", threads=th, batch_size=b,
-                    raw_eval=raw_forward(arch, num_classes, b, size, steps, warmup, repeats, device))
+                    raw_eval=raw_forward(arch, num_classes, b, size, steps, warmup, repeats, device),
+                    raw_eval_folded=raw_forward(arch, num_classes, b, size, steps, warmup, repeats, device, folded=True))
             add(knob="bf16_inference", threads=th,
                 raw_eval=raw_forward(arch, num_classes, eval_batch, size, steps, warmup, repeats, device, bf16=True),
                 raw_recalibrate=raw_forward(arch, num_classes, bn_batch, size, steps, warmup, repeats, device,
@@ -401,6 +421,7 @@ def knobs(arch: str, weights: str, cache: ImageCache, labels: torch.Tensor, num_
     finally:
         torch.set_num_threads(base)
     err = bf16_error(arch, weights, cache, num_classes, size, eval_batch, device)
+    folded = fold_error(arch, weights, cache, num_classes, size, eval_batch, device)
 
     def best(knob, part, key):
         cand = [r for r in rows if r["knob"] == knob]
@@ -411,11 +432,13 @@ def knobs(arch: str, weights: str, cache: ImageCache, labels: torch.Tensor, num_
     bf = {r["threads"]: r for r in rows if r["knob"] == "bf16_inference"}
     bf16_faster = any(bf[t]["raw_eval"]["img_per_s"] > fp32[t]["raw_eval"]["img_per_s"] for t in bf if t in fp32)
     choice = {"threads": best("layout", "raw_train", "threads"), "layout": best("layout", "raw_train", "layout"),
-              "eval_batch": best("eval_batch", "raw_eval", "batch_size"), "adam": best("adam", "raw_train", "adam"),
-              "bf16_inference": bool(bf16_faster)}
+              "eval_batch": best("eval_batch", "raw_eval_folded", "batch_size"),
+              "adam": best("adam", "raw_train", "adam"), "bf16_inference": bool(bf16_faster),
+              "bn_folded": any(r["raw_eval_folded"]["img_per_s"] > r["raw_eval"]["img_per_s"]
+                               for r in rows if r["knob"] == "eval_batch")}
     return {"sizes": {"arch": arch, "image_size": size, "batch_size": batch, "eval_batch_size": eval_batch,
                       "bn_batch_size": bn_batch, "steps": steps, "warmup": warmup, "repeats": repeats},
-            "rows": rows, "bf16_error": err, "choice": choice}
+            "rows": rows, "bf16_error": err, "fold_error": folded, "choice": choice}
 
 
 # --- (d) the whole protocol, against its compute floor ---------------------------------------------

@@ -8,8 +8,10 @@ CPU, oneDNN's channels_last convolutions train EfficientNet-Lite0 about 1.4x and
 device and epochs timed with CUDA events, all read back once at the end. ``torch.compile`` is opt-in
 (``fit(compile=True)`` or ``DVLIB_COMPILE=1``).
 
-``DVLIB_PLAIN=1`` selects the plain paths (NCHW batches on a CPU; in :mod:`dvlib.experiment`, every
-evaluation recomputed and images decoded in every process), against which tests check the fast ones.
+:func:`predict` runs a copy of the network with its BatchNorms folded into the convolutions before them
+(:func:`dvlib.bn.fold_bn`). ``DVLIB_PLAIN=1`` selects the plain paths (NCHW batches on a CPU, BatchNorm
+as it is; in :mod:`dvlib.experiment`, every evaluation recomputed and images decoded in every process),
+against which tests check the fast ones.
 :func:`work` counts the images this process has trained on and run forward (for compute floors).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvlib.bn import fold_bn
 from dvlib.io import DvlibError
 from dvlib.loader import ImageCache, batches
 
@@ -63,6 +66,13 @@ def use_channels_last(device: torch.device | str) -> bool:
     from NCHW by float rounding only; a channels_last model gives the same bits whatever the layout
     of its input batches."""
     return torch.device(device).type == "cuda" or not plain()
+
+
+def use_folded_bn(device: torch.device | str) -> bool:
+    """Whether :func:`predict` runs a copy of the network with BatchNorm folded into the convolutions
+    (:func:`dvlib.bn.fold_bn`): the same function up to float rounding, about 1.4x faster on a CPU
+    (``bench_train.py --knobs``); not in the :func:`plain` path."""
+    return not plain()
 
 
 def _autocast(device: torch.device):
@@ -230,19 +240,26 @@ def fit(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torch.T
 
 
 def predict(model: nn.Module, cache: ImageCache, rows: torch.Tensor, *, size: int, batch_size: int = 256,
-            device: torch.device | str = "auto") -> np.ndarray:
-    """Class probabilities [N, C] (centre crop, eval mode)."""
+            device: torch.device | str = "auto", fold: bool | None = None) -> np.ndarray:
+    """Class probabilities [N, C] (centre crop, eval mode); ``fold`` (default :func:`use_folded_bn`):
+    through a copy with BatchNorm folded into the convolutions."""
     device = resolve_device(device)
     # outside inference mode: moving the model to a GPU makes new parameter tensors, which inference
     # mode would mark as inference tensors (no later load_state_dict, training or BN recalibration)
     prepare(model, device)
     model.eval()
+    net = model
+    if (use_folded_bn(device) if fold is None else fold) and len(rows):
+        example = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        if use_channels_last(device):
+            example = example.contiguous(memory_format=torch.channels_last)
+        net, _ = fold_bn(model, example)  # a copy: the model's own weights are never changed
     outs = []
     with torch.inference_mode():
         for x, _ in batches(cache, rows, None, batch_size, size, train=False, device=device,
                             channels_last=use_channels_last(device)):
             with autocast(device):
-                outs.append(model(x).float())
+                outs.append(net(x).float())
         count_work("forward", len(rows), len(outs))
         if not outs:
             return np.zeros((0, getattr(model, "num_classes", 0)), np.float32)

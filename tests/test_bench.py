@@ -153,7 +153,13 @@ def test_knobs(bench, tmp_path):
         for part in ("raw_train", "raw_eval", "raw_recalibrate", "fit", "predict"):
             if part in r:
                 assert _positive(r[part]["img_per_s"]), (r["knob"], part)
-    assert set(k["choice"]) == {"threads", "layout", "eval_batch", "adam", "bf16_inference"}
+    assert set(k["choice"]) == {"threads", "layout", "eval_batch", "adam", "bf16_inference", "bn_folded"}
+    for r in k["rows"]:
+        if r["knob"] == "eval_batch":
+            assert r["raw_eval_folded"]["folded"] and not r["raw_eval"]["folded"]
+            assert _positive(r["raw_eval_folded"]["img_per_s"])
+    f = k["fold_error"]
+    assert 0 <= f["max_abs_prob_diff"] < 1e-4 and f["argmax_agreement"] == 1 and f["images"] > 0
     e = k["bf16_error"]
     assert 0 <= e["max_abs_prob_diff"] <= 1 and 0 <= e["argmax_agreement"] <= 1 and e["images"] > 0
     assert math.isfinite(e["bn_running_var_max_rel_diff"])

@@ -97,3 +97,119 @@ def test_no_batchnorm_and_untracked_batchnorm():
     assert recalibrate_bn(net, [batches[:1], batches[1:]]) == [6, 4]
     torch.testing.assert_close(net[2].running_var, ref[2].running_var, rtol=0, atol=1e-5)
     assert net[1].running_mean is None
+
+
+# --- fold_bn: BatchNorm folded into the convolutions, for inference --------------------------------
+
+FOLD_ATOL = 1e-4  # logits of the folded copy against the network's, relative to the largest logit
+PROB_ATOL = 1e-5  # class probabilities through dvlib.train.predict, folded against not
+
+
+def _randomise_bn(net: nn.Module, seed: int = 0) -> None:
+    """Statistics and affine parameters far from their initial values, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    for m in bn_modules(net):
+        n = m.num_features
+        m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+        m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+        if m.affine:
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+
+
+def test_fold_bn_arithmetic():
+    from dvlib.bn import fold_bn
+
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=True), nn.BatchNorm2d(3, eps=1e-3))
+    _randomise_bn(net)
+    conv, bn = net[0], net[1]
+    folded, n = fold_bn(net, torch.rand(1, 2, 6, 6))
+    assert n == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + 1e-3)
+    assert torch.equal(folded[0].weight, (conv.weight.double() * s.view(-1, 1, 1, 1)).float())
+    assert torch.equal(folded[0].bias, ((conv.bias.double() - bn.running_mean.double()) * s + bn.bias.double()).float())
+    assert isinstance(net[1], nn.BatchNorm2d) and net.training  # the network itself is untouched
+
+
+@pytest.mark.parametrize("arch", ["smallcnn", "efficientnet_lite0", "resnet50"])
+def test_fold_bn_same_function(arch):
+    """Every BatchNorm of the three architectures is folded (timm's BatchNormAct2d keeps its
+    activation); logits and predict's probabilities stay within float rounding; weights untouched."""
+    from dvlib import models
+    from dvlib.bn import fold_bn
+    from dvlib.loader import ImageCache
+
+    net = models.build(arch, 4, weights="random", seed=0)
+    _randomise_bn(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    folded, n = fold_bn(net, x[:1])
+    assert n == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    net.eval()
+    with torch.no_grad():
+        ref, out = net(x), folded(x)
+    assert float((out - ref).abs().max()) < FOLD_ATOL * float(ref.abs().max())
+    if arch == "resnet50":
+        return
+    from dvlib.train import predict
+
+    cache = ImageCache((x * 255).to(torch.uint8), [f"im{i}" for i in range(3)])
+    rows = torch.arange(3)
+    p0, p1 = (predict(net, cache, rows, size=56, batch_size=2, device="cpu", fold=f) for f in (False, True))
+    assert abs(p0 - p1).max() < PROB_ATOL and (p0.argmax(1) == p1.argmax(1)).all()
+    assert abs(p0 - p1).max() > 0  # the fold did run (it rounds differently)
+
+
+class _ReadTwice(nn.Module):
+    """A convolution's output read by its BatchNorm and again by a residual sum: folding would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y + self.bn(y)).mean((2, 3))
+
+
+def test_fold_bn_leaves_what_it_cannot_fold():
+    from dvlib.bn import fold_bn
+
+    risky = _ReadTwice()
+    _randomise_bn(risky)
+    out, n = fold_bn(risky, torch.rand(1, 3, 5, 5))
+    assert n == 0 and out is risky and isinstance(out.bn, nn.BatchNorm2d) and not out.training
+    net = _net()  # BatchNorm1d after a Linear is not a convolution's: kept
+    folded, n = fold_bn(net, torch.randn(1, 3, 10, 10))
+    assert n == 2 and sum(isinstance(m, nn.BatchNorm1d) for m in folded.modules()) == 1
+    x = torch.randn(4, 3, 10, 10)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-5)
+
+
+def test_fold_bn_reuses_checked_pairs_only_for_the_same_modules():
+    """A network folded once is folded again by the same pairs for new weights (equal to folding a
+    fresh copy); a network whose modules changed is checked again."""
+    from dvlib.bn import fold_bn
+
+    net = _net()
+    x = torch.randn(1, 3, 10, 10)
+    fold_bn(net, x)
+    _randomise_bn(net, seed=5)  # new weights, same network
+    again, n = fold_bn(net, x)
+    fresh, m = fold_bn(copy.deepcopy(net), x)
+    assert n == m == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fresh.state_dict().values()))
+    net[1] = nn.Identity()  # the first BatchNorm gone: only the second conv's is left
+    _, n = fold_bn(net, x)
+    assert n == 1
+    risky = _ReadTwice()
+    _randomise_bn(risky)
+    assert fold_bn(risky, torch.rand(1, 3, 5, 5))[1] == 0
+    _randomise_bn(risky, seed=3)
+    out, n = fold_bn(risky, torch.rand(1, 3, 5, 5))  # remembered: not folded, not checked again
+    assert n == 0 and out is risky

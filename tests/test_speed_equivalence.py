@@ -3,8 +3,8 @@
 - Exactly (bit for bit): what removes repeated work, i.e. decoded images read back from the run's
   cache, evaluations of weights seen before scored from their stored probabilities, and restore modes
   sharing their first round of visits. Both runs below feed the same (channels_last) batches.
-- Within float rounding: channels_last networks and batches on a CPU against the plain NCHW ones
-  (``DVLIB_PLAIN=1``). Stated tolerances, for the same weights: class probabilities within
+- Within float rounding: channels_last networks and batches on a CPU, and evaluation through a copy
+  with BatchNorm folded into the convolutions, against the plain NCHW ones (``DVLIB_PLAIN=1``). Stated tolerances, for the same weights: class probabilities within
   ``PROB_ATOL``, gradients within ``GRAD_RTOL``, recalibrated BN statistics within ``BN_RTOL``; merged
   weights from the same vector files: equal. After the whole protocol (training amplifies rounding),
   merged and restored weights and probabilities differ from the plain path's by at most
@@ -62,9 +62,10 @@ def _models(run):
 
 @pytest.fixture
 def fixed_channels_last(monkeypatch):
-    """Both runs feed channels_last batches, whatever DVLIB_PLAIN says: only the removal of repeated
-    work differs between them."""
+    """Both runs feed channels_last batches and evaluate through folded BatchNorms, whatever
+    DVLIB_PLAIN says: only the removal of repeated work differs between them."""
     monkeypatch.setattr(train, "use_channels_last", lambda device: True)
+    monkeypatch.setattr(train, "use_folded_bn", lambda device: True)
 
 
 def test_removing_repeated_work_changes_nothing(tmp_path, pad_root, monkeypatch, fixed_channels_last):
@@ -129,7 +130,8 @@ def test_decoded_images_read_back_bit_for_bit(tmp_path, pad_root, monkeypatch):
 
 def test_channels_last_within_float_rounding(pad_root, monkeypatch):
     """One EfficientNet-Lite0 (random weights), the same images and weights: channels_last against
-    NCHW for evaluation, BN recalibration and one training step's gradients."""
+    NCHW for BN recalibration and one training step's gradients; for evaluation, channels_last with
+    BatchNorm folded against NCHW as it is."""
     from dvlib.data import load_dataset
     from dvlib.loader import ImageCache, Shard, batches
     from dvlib.restore import recalibrate_visit
