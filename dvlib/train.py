@@ -70,7 +70,7 @@ def use_channels_last(device: torch.device | str) -> bool:
 
 def use_folded_bn(device: torch.device | str) -> bool:
     """Whether :func:`predict` runs a copy of the network with BatchNorm folded into the convolutions
-    (:func:`dvlib.bn.fold_bn`): the same function up to float rounding, about 1.4x faster on a CPU
+    (:func:`dvlib.bn.fold_bn`): the same function up to float rounding, 1.2-1.6x faster on 2 CPU cores
     (``bench_train.py --knobs``); not in the :func:`plain` path."""
     return not plain()
 
