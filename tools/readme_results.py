@@ -81,8 +81,10 @@ def federated_block(folder: Path) -> str:
     text = (folder / "README.md").read_text().replace("](../", "](reports/").split("\n## ")
     keep = [text[0].split("\n", 1)[1].strip()]
     keep += [f"#### {t.strip()}" for t in text[1:] if t.startswith("Accuracy: all test images")]
-    keep += [f"#### {t.split(chr(10) * 2)[0]}\n\n{t.split(chr(10) * 2)[1].strip()}" for t in text[1:]
-             if t.startswith("Where each wins")]  # its accuracy paragraph
+    for t in text[1:]:
+        if t.startswith("Where each wins"):  # the heading and its first paragraph, the accuracy one
+            heading, first = t.split("\n\n")[:2]
+            keep.append(f"#### {heading}\n\n{first.strip()}")
     return "\n".join([f"### Federated learning on Flower against one data-vector exchange: [`{rel}/`]({rel}/README.md)",
                       "", "\n\n".join(keep), "", f"Balanced accuracy and the per-hospital tables: [`{rel}/README.md`]"
                       f"({rel}/README.md).", ""])
