@@ -4,7 +4,7 @@
         [--preset quick] [--dataset pad_ufes_20] [--rounds 8] [--restore recalibrate] [--out FILE]
 
 A run folder in a temporary directory gets the preset's hospitals (step 01, split seed 0); then one
-``dvlib.federated.simulation.simulate`` call (Ray started once) runs both jobs over them, with every
+``dvlib.studies.federated.simulation.simulate`` call (Ray started once) runs both jobs over them, with every
 reuse off, so that each hospital fine-tunes for the preset's epochs in both: the data vector all at
 once, then the coordinator's merge (and the restore visits in turn); FedAvg epochs/R per round over R
 rounds. Hospitals train one after another in one Ray actor (the simulation's CPU setting), so the
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import _cpu_name
 
 from dvlib import experiment as ex
-from dvlib.federated.simulation import simulate
-from dvlib.federated.steps import federation_config, ledger_costs
+from dvlib.studies.federated.simulation import simulate
+from dvlib.studies.federated.steps import federation_config, ledger_costs
 from dvlib.io import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "federated_cpu.json"

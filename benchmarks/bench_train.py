@@ -4,10 +4,10 @@ against its compute floor.
 One run, one device, one JSON (``benchmarks/results/train_<device-kind>.json`` unless ``--out``):
 
 (a) ``raw``      the limit: training steps of the model on synthetic tensors already on the device,
-                 set up as :func:`dvlib.train.fit` sets it up (:func:`dvlib.train.prepare`,
-                 :func:`dvlib.train.training_net`, :func:`dvlib.train.make_optimizer`,
-                 :func:`dvlib.train.autocast`; channels_last model and input where
-                 :func:`dvlib.train.use_channels_last` says so, i.e. on every device);
+                 set up as :func:`dvlib.train.fit` sets it up (:func:`dvlib.device.prepare`,
+                 :func:`dvlib.device.training_net`, :func:`dvlib.train.make_optimizer`,
+                 :func:`dvlib.device.autocast`; channels_last model and input where
+                 :func:`dvlib.device.use_channels_last` says so, i.e. on every device);
 (b) ``fit``      :func:`dvlib.train.fit` on real images from an :class:`dvlib.loader.ImageCache`
                  (augmentation, batching and any host->device transfer included; decoding the images
                  into the cache is timed separately as ``dataset.decode_s``);
@@ -58,8 +58,9 @@ from dvlib.bn import fold_bn  # noqa: E402
 from dvlib.data import load_dataset  # noqa: E402
 from dvlib.io import DvlibError, write_json  # noqa: E402
 from dvlib.loader import ImageCache, cache_size_for  # noqa: E402
-from dvlib.train import (COMPILE_MODES, autocast, class_weights, fit, make_optimizer, predict,  # noqa: E402
-                         prepare, resolve_device, training_net, use_channels_last)
+from dvlib.device import (COMPILE_MODES, autocast, prepare, resolve_device, training_net,  # noqa: E402
+                          use_channels_last)
+from dvlib.train import class_weights, fit, make_optimizer, predict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

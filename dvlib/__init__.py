@@ -14,8 +14,10 @@ __all__ = ["__version__", "merge", "DvlibError"]
 from dvlib.io import DvlibError
 
 
-def merge(pretrained, finetuned, method="data_vector", lam=None, bn_buffers="mean", seed=0, **opts):
-    """Merge fine-tuned state dicts of one model; see :func:`dvlib.merging.merge_state_dicts`."""
-    from dvlib.merging import merge_state_dicts
+def __getattr__(name: str):
+    # dvlib.merge is dvlib.merging.merge, imported on first use: `import dvlib` stays free of torch
+    if name == "merge":
+        from dvlib.merging import merge
 
-    return merge_state_dicts(pretrained, finetuned, method=method, lam=lam, bn_buffers=bn_buffers, seed=seed, **opts)
+        return merge
+    raise AttributeError(f"module 'dvlib' has no attribute {name!r}")

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from dvlib import device as hw  # work counters ("device" names the torch.device here)
 from dvlib.io import DvlibError
 
 __all__ = ["recalibrate_bn", "bn_modules", "fold_bn"]
@@ -79,9 +80,7 @@ def recalibrate_bn(model: nn.Module, batch_iterables: Sequence[Iterable[Any]],
             raise DvlibError("recalibrate_bn: no images in any of the "
                              f"{len(iterables)} batch iterable(s); BatchNorm statistics left unchanged")
         ok = True
-        from dvlib.train import count_work
-
-        count_work("recalibration", sum(counts), nb)
+        hw.count_work("recalibration", sum(counts), nb)
     finally:
         for m, (momentum, mean, var, nbt) in zip(bns, saved):
             m.momentum = momentum

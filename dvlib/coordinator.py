@@ -97,10 +97,10 @@ def check_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], what:
     return out
 
 
-def fit_problems(state: dict, model: models.DVNet, where: str) -> list[str]:
-    """Every key, shape and dtype of ``state`` that the network its metadata describes would not take."""
-    ref = model.state_dict()
-    return layout_problems([ref, state], [f"the {model.arch} network of the metadata", where])
+def fit_problems(tensors: dict, model: models.DVNet, where: str) -> list[str]:
+    """Every key, shape and dtype of a file's ``tensors`` (a model's state dict, or a site's vector:
+    the same keys) that the network its metadata describes would not take."""
+    return layout_problems([model.state_dict(), tensors], [f"the {model.arch} network of the metadata", where])
 
 
 def merge_warnings(vfs: Sequence[VectorFile]) -> list[str]:
@@ -134,13 +134,13 @@ def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     if model.pretrained_sha256 != ref["pretrained_sha256"]:
         raise DvlibError(f"the pretrained model given has sha256 {model.pretrained_sha256}, the sites' is "
                          f"{ref['pretrained_sha256']}")
-    pre = {k: v for k, v in model.state_dict().items() if not k.startswith(models.HEAD_PREFIX)}
+    # the files agree with each other (load_vectors): the first fitting the network makes the merge fit it
+    fail(fit_problems(vfs[0].tau.tensors, model, str(vfs[0].path)),
+         "a vector file does not fit its metadata; nothing was written")
     counts = [vf.sample_count for vf in vfs]
-    state, report = merging.merge(pre, [vf.tau for vf in vfs], method=method, lam=lam, bn_buffers=bn_buffers,
-                                  seed=seed, weights=counts if method == "weighted" else None,
-                                  names=[str(vf.path) for vf in vfs], **opts)
-    # the output is checked like an input: it must be what its metadata says (finite: merging.merge)
-    fail(fit_problems(state, model, str(out)), "the merged model does not fit its metadata; nothing was written")
+    state, report = merging.merge(model.state_dict(), [vf.tau for vf in vfs], method=method, lam=lam,
+                                  bn_buffers=bn_buffers, seed=seed, weights=counts if method == "weighted" else None,
+                                  **opts)
     splits = {json.dumps(vf.meta.get("split"), sort_keys=True) for vf in vfs}
     meta = {k: ref[k] for k in ("arch", "head", "build_seed", "classes", "pretrained_sha256", "image_size")}
     meta.update(kind="merged", weights=ref["weights"] if not weights else
@@ -167,13 +167,13 @@ def open_model(path: str | os.PathLike, weights: str | None = None,
     if is_vector_file(path):
         vf = load_vector(path)
         model = rebuild_pretrained(vf.meta, weights, weights_dirs)
-        pre = {k: v for k, v in model.state_dict().items() if not k.startswith(models.HEAD_PREFIX)}
-        state, meta = vf.tau.apply_to(pre), vf.meta
+        fail(fit_problems(vf.tau.tensors, model, str(path)), f"bad model file {path}")
+        state, meta = vf.tau.apply_to(model.state_dict()), vf.meta
     else:
         mf = load_model(path)
         state, meta = mf.state, mf.meta
         model = models.build(meta["arch"], len(meta["classes"]), weights="random", head=meta["head"])
-    fail(fit_problems(state, model, str(path)), f"bad model file {path}")
+        fail(fit_problems(state, model, str(path)), f"bad model file {path}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -28,6 +28,7 @@ import torch
 from dvlib.checks import fail, finite_problems
 from dvlib.io import DvlibError, atomic_path, sha256_file
 from dvlib.metadata import BUILTIN_WEIGHTS, MODEL_KINDS, VECTOR_KIND, meta_problems  # noqa: F401 (re-exported)
+from dvlib.models import HEAD_PREFIX
 from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, kind_by_name
 
 FORMAT_VERSION = 1
@@ -238,7 +239,7 @@ def head_problems(head: Mapping[str, torch.Tensor], classes: list, path, prefix:
     """The new head must have one output per class of the metadata."""
     return [f"{path}: '{prefix}{k}' has {t.shape[0] if t.dim() else 0} outputs, but the metadata lists "
             f"{len(classes)} classes" for k, t in head.items()
-            if k.startswith("head.") and (t.dim() == 0 or t.shape[0] != len(classes))]
+            if k.startswith(HEAD_PREFIX) and (t.dim() == 0 or t.shape[0] != len(classes))]
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:

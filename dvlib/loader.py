@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dvlib import device as hw  # the channels_last policy ("device" names the torch.device here)
 from dvlib.data.base import DatasetIndex
 
 CACHE_RATIO = 1.143  # cache side / crop side, rounded up: 224 -> 257, 128 -> 147 (ImageNet's 256/224)
@@ -191,13 +192,11 @@ def batches(cache: ImageCache, rows: torch.Tensor, labels: torch.Tensor | None, 
 
     Everything random is drawn at the start of the epoch (see the module docstring); the loop itself
     never waits for the device. ``channels_last`` None: as dvlib runs networks on the device
-    (:func:`dvlib.train.use_channels_last`).
+    (:func:`dvlib.device.use_channels_last`).
     """
     device = torch.device(device) if device is not None else cache.data.device
     if channels_last is None:
-        from dvlib.train import use_channels_last
-
-        channels_last = use_channels_last(device)
+        channels_last = hw.use_channels_last(device)
     n = len(rows)
     if train and generator is None:
         raise ValueError("training batches need a seeded torch.Generator")

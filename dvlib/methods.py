@@ -59,6 +59,17 @@ def register(name: str, label: str, formula: str, lam: float | None, lam_meaning
     return deco
 
 
+# the models the merges are compared with (the paper's other columns), labelled beside the methods
+BASELINES = {"base_model": "Base Model", "full_training": "Full Training", "pretrained": "Pretrained (no merge)"}
+
+
+def label(name: str) -> str:
+    """How tables and figures name a merge method or a baseline model (as the paper does)."""
+    if name not in METHODS and name not in BASELINES:
+        raise DvlibError(f"no label for {name!r}; valid: {', '.join([*METHODS, *BASELINES])}")
+    return METHODS[name].label if name in METHODS else BASELINES[name]
+
+
 def run_lam(name: str, lam: float) -> float | None:
     """The lambda a run uses ``name`` with: the run's ``lam`` for the data-vector family, the
     method's own default otherwise (TIES 1.0), None where the method has none."""
@@ -177,6 +188,7 @@ def ties(taus: Sequence["DataVector"], *, lam: float, density: float = 0.2, scop
         raise DvlibError(f"ties: density must be in (0, 1], got {density!r}")
     if scope not in ("per_key", "global"):
         raise DvlibError(f"ties: scope must be 'per_key' or 'global', got {scope!r}")
+    mean = (1.0 / len(taus)) * sum(taus)  # heads and BN statistics: averaged as everywhere; checks the layouts
     movements = [t.params for t in taus]
     stacked = {k: torch.stack([m[k].reshape(-1) for m in movements]) for k in movements[0]}
     merged = {}
@@ -192,7 +204,6 @@ def ties(taus: Sequence["DataVector"], *, lam: float, density: float = 0.2, scop
         for k, (trimmed, sign) in elected.items():
             sign[sign == 0] = majority
             merged[k] = ties_disjoint_mean(trimmed, sign)
-    mean = (1.0 / len(taus)) * sum(taus)  # heads and BN statistics: averaged as everywhere
     return lam * mean.with_params({k: v.view(movements[0][k].shape) for k, v in merged.items()})
 
 

@@ -74,6 +74,12 @@ class DVNet(nn.Module):
         return [f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Conv2d)]
 
 
+def pretrained_body(state: dict[str, torch.Tensor], copy: bool = False) -> dict[str, torch.Tensor]:
+    """The pretrained weights without the new head (a new head has no pretrained value to move
+    from); ``copy``: detached CPU copies, which training the model in place leaves unchanged."""
+    return {k: v.detach().cpu().clone() if copy else v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+
+
 class SmallCNN(nn.Module):
     """Four conv-BN-ReLU blocks, global pooling and a 10-way 'pretrained' output layer."""
 

@@ -3,9 +3,12 @@
 Notebooks 07 (Flower baselines) and 08 (privacy audit) run only when asked (:data:`EXTRAS`).
 Each notebook gets the same parameters (run, preset, dataset, seeds, train_seeds, device, runs_dir,
 figures_dir)
-and is written, executed, to ``reports/<run>/``; figures go to ``figures/<run>/``. A step whose
-executed notebook and result files exist is skipped unless ``overwrite``. A failing notebook stops
-the chain with its name and the failing cell.
+and is written, executed, to ``reports/<run>/``; figures go to ``figures/<run>/``. A step whose last
+execution succeeded (:func:`dvlib.notebook_step.is_done`: its notebook, completion record and result
+files) is skipped unless ``overwrite``. A failing notebook stops the chain with its name and the
+failing cell (a :class:`StepFailed`, exit code 2), kept as ``<step>.failed.ipynb``, never in place of
+the last good one. Notebook 08's privacy budget is checked before any notebook runs
+(:mod:`dvlib.privacy_budget`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dvlib.io import DvlibError, write_json
+from dvlib.notebook_step import execute, is_done, mark_done, to_html
 
 STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("01_split_data", ("shards",)),
@@ -76,24 +80,54 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
     if dataset and dataset not in DATASETS and Path(dataset).is_dir():  # a folder: the kernels run in notebooks/
         dataset = str(Path(dataset).resolve())
     # create (or check) the run first so that a settings clash stops before any notebook runs
+    existed = (Path(runs) / run).exists()
     the_run = open_run(run, preset, seeds=seeds, train_seeds=train_seeds, root=runs, device=device,
                        dataset=dataset, **(extra or {}))
     params = {"run": run, "preset": preset, "dataset": dataset, "seeds": the_run.split_seeds,
               "train_seeds": the_run.train_seeds, "device": device, "runs_dir": runs,
               "figures_dir": str(figures.resolve())}
-    declared = {name: notebook_parameters(nb_dir / f"{name}.ipynb") for name, _ in STEPS}
-    unknown = sorted(set(notebook_params or {}) - set().union(*declared.values()))
-    if unknown:
-        raise DvlibError(f"no notebook takes the parameters {unknown}; each notebook's are: "
-                         + "; ".join(f"{n}: {', '.join(sorted(set(d) - set(params)))}" for n, d in declared.items()
-                                     if set(d) - set(params)))
+    try:
+        declared = _check_parameters(the_run, params, notebook_params or {}, nb_dir, steps)
+    except DvlibError:
+        if not existed:  # refused before anything ran: leave no run behind
+            shutil.rmtree(the_run.dir, ignore_errors=True)
+        raise
     (reports / "logs").mkdir(parents=True, exist_ok=True)
-    with absolute_env_paths():
-        records = _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps, overwrite, html, log)
+    try:
+        with absolute_env_paths():
+            records = _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps, overwrite, html, log)
+    except StepFailed as e:  # the report says which step failed, and keeps the others' records
+        write_json(reports / "steps.json", merge_steps(reports / "steps.json", e.records))
+        raise
     default_reports = not reports_dir
     publish_results(the_run, reports / "results", root / "data" / "splits" / run if default_reports else reports / "splits")
     write_json(reports / "steps.json", merge_steps(reports / "steps.json", records))
     return records
+
+
+class StepFailed(DvlibError):
+    """A notebook of the chain failed; ``records``: this invocation's step records, the failed one last."""
+
+    def __init__(self, message: str, records: list[dict]):
+        super().__init__(message)
+        self.records = records
+
+
+def _check_parameters(the_run, params: dict, notebook_params: dict, nb_dir: Path, steps) -> dict:
+    """Each notebook's declared parameters; refuses unknown ones and (when 08 runs) an invalid
+    privacy budget, before any notebook runs."""
+    from dvlib.privacy_budget import check_notebook_budget
+
+    declared = {name: notebook_parameters(nb_dir / f"{name}.ipynb") for name, _ in STEPS}
+    unknown = sorted(set(notebook_params) - set().union(*declared.values()))
+    if unknown:
+        raise DvlibError(f"no notebook takes the parameters {unknown}; each notebook's are: "
+                         + "; ".join(f"{n}: {', '.join(sorted(set(d) - set(params)))}" for n, d in declared.items()
+                                     if set(d) - set(params)))
+    if EXTRAS["privacy"] in steps:
+        with absolute_env_paths():  # the split may be computed from the data, as notebook 01 will
+            check_notebook_budget(the_run, notebook_params)
+    return declared
 
 
 def merge_steps(path: Path, records: list[dict]) -> list[dict]:
@@ -135,79 +169,32 @@ def absolute_env_paths(names: Sequence[str] = ENV_PATHS):
 
 
 def _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps, overwrite, html, log) -> list[dict]:
-    import papermill as pm
-
     records = []
     for name, outputs in STEPS:
         if steps and name not in steps:
             continue
-        out_nb = reports / f"{name}.ipynb"
-        done = out_nb.exists() and all(the_run.result(o).exists() for o in outputs)
-        if done and not overwrite:
-            log(f"[skip] {name}: outputs exist (use --overwrite to redo)")
+        out_nb, results = reports / f"{name}.ipynb", [the_run.result(o) for o in outputs]
+        if not overwrite and is_done(reports, name, results):
+            log(f"[skip] {name}: done (use --overwrite to redo)")
             records.append({"step": name, "status": "skipped", "seconds": 0.0, "output": str(out_nb)})
             continue
         log(f"[run ] {name} ...")
         t0 = time.perf_counter()
-        logfile = reports / "logs" / f"{name}.log"
         step_params = {**params, **{k: v for k, v in (notebook_params or {}).items() if k in declared[name]}}
         try:
-            _run_notebook(nb_dir / f"{name}.ipynb", out_nb, step_params, nb_dir, logfile, log)
-        except pm.PapermillExecutionError as e:
-            raise DvlibError(f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
-                             f"{e.ename}: {e.evalue}. Executed notebook: {out_nb}; log: {logfile}") from None
+            execute(nb_dir / f"{name}.ipynb", reports, name, step_params, nb_dir, log)
+        except DvlibError as e:
+            log(f"[fail] {name}")
+            failed = {"step": name, "status": "failed", "seconds": time.perf_counter() - t0, "error": str(e),
+                      "output": str(reports / f"{name}.failed.ipynb")}
+            raise StepFailed(str(e), records + [failed]) from None
         dt = time.perf_counter() - t0
         if html:
             to_html(out_nb)
+        mark_done(reports, name, results, dt)  # last: a step is done only once everything of it is
         log(f"[done] {name} in {dt:.1f} s -> {out_nb}")
         records.append({"step": name, "status": "ran", "seconds": dt, "output": str(out_nb)})
     return records
-
-
-def _run_notebook(src: Path, out_nb: Path, parameters: dict, cwd: Path, logfile: Path, log) -> None:
-    """papermill in a thread; meanwhile the progress lines its kernel writes are shown as they come.
-    The kernel's own stderr (connection warnings) and the cells' output go to ``logfile``."""
-    import threading
-
-    import papermill as pm
-
-    from dvlib.progress import ENV
-
-    progress = logfile.with_suffix(".progress")
-    progress.write_text("")
-    failure: list[BaseException] = []
-
-    def work():
-        try:
-            with open(logfile, "w") as lf:
-                pm.execute_notebook(str(src), str(out_nb), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-                                    progress_bar=False, log_output=True, stdout_file=lf, stderr_file=lf)
-        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-            failure.append(e)
-
-    old_env, saved_err = os.environ.get(ENV), os.dup(2)
-    os.environ[ENV] = str(progress)
-    with open(logfile.with_suffix(".kernel.log"), "w") as kernel_err:
-        os.dup2(kernel_err.fileno(), 2)  # the kernel process inherits it: its warnings stay out of the terminal
-        try:
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            with open(progress) as f:
-                while thread.is_alive() or f.tell() < progress.stat().st_size:
-                    line = f.readline()
-                    if line:
-                        log(f"       {line.rstrip()}")
-                    else:
-                        thread.join(0.5)
-        finally:
-            os.dup2(saved_err, 2)
-            os.close(saved_err)
-            if old_env is None:
-                os.environ.pop(ENV, None)
-            else:
-                os.environ[ENV] = old_env
-    if failure:
-        raise failure[0]
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
@@ -240,14 +227,3 @@ def publish_results(run, dest: Path, splits: Path | None = None) -> Path:
             if run.manifest_path(s).exists():
                 shutil.copyfile(run.manifest_path(s), splits / f"split_{s}.csv")
     return dest
-
-
-def to_html(notebook: str | os.PathLike) -> Path:
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    from dvlib.io import write_text
-
-    nb = nbformat.read(str(notebook), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    return write_text(Path(notebook).with_suffix(".html"), body)

@@ -61,7 +61,7 @@ def recalibrate_visit(model: "nn.Module", shard: "Shard", *, size: int, reset: b
     """Add one hospital's training images (centre crops) to the BatchNorm statistics, in place."""
     from dvlib.bn import recalibrate_bn
     from dvlib.loader import batches
-    from dvlib.train import prepare, resolve_device, use_channels_last
+    from dvlib.device import prepare, resolve_device, use_channels_last
 
     device = resolve_device(device)
     prepare(model, device)

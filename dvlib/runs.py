@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -58,8 +59,9 @@ class Run:
     def dir(self) -> Path:
         return self.root / self.name
 
-    @property
+    @functools.cached_property
     def preset(self) -> Preset:
+        """The settings as a Preset, built (and checked) once."""
         return get_preset(self.settings["preset"], **{k: v for k, v in self.settings.items() if k != "preset"})
 
     @property

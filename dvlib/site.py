@@ -16,13 +16,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from dvlib import restore, stages
+from dvlib import models, restore, stages
 from dvlib.checks import MAX_IMAGE_SIZE, distinct_outputs, fail, finite_number, integer, nonfinite_keys
 from dvlib.coordinator import check_out, open_model
 from dvlib.files import save_model
 from dvlib.metadata import BUILTIN_WEIGHTS, VECTOR_KIND
 from dvlib.io import DvlibError, all_or_nothing, check_writable, write_csv, write_json
 from dvlib.local import LocalData
+from dvlib.presets import PRESETS
 
 
 def finetune_site(local: LocalData, settings: stages.TrainSettings, *, seed: int, build_seed: int = 0,
@@ -33,11 +34,11 @@ def finetune_site(local: LocalData, settings: stages.TrainSettings, *, seed: int
     ``seed`` drives shuffling and augmentation, ``build_seed`` the new head (the same at every site).
     ``model``: the consortium's pretrained model to train in place (built from ``settings`` if None).
     """
-    from dvlib.train import resolve_device
+    from dvlib.device import resolve_device
 
     dev = resolve_device(device)
     model = model if model is not None else stages.pretrained_model(settings, len(local.classes), build_seed)
-    pre = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    pre = models.pretrained_body(model.state_dict(), copy=True)
     train = local.shard("train", settings.image_size, dev)
     history = stages.finetune(model, train, settings, seed=seed, device=dev, progress=progress, desc=desc or local.label)
     rows, _ = stages.evaluate(model, [local.shard("test", settings.image_size, dev)], size=settings.image_size,
@@ -54,6 +55,9 @@ def finetune_site(local: LocalData, settings: stages.TrainSettings, *, seed: int
         "history": [{k: h[k] for k in ("epoch", "loss", "images")} for h in history], "preset": preset,
     }
     return tau, meta
+
+
+FALLBACK = PRESETS["quick"]  # the training settings of a model file that records no sources
 
 
 def _source_value(meta: dict, key: str, default):
@@ -84,7 +88,7 @@ def restore_site(model_path: str | os.PathLike, local: LocalData, out: str | os.
     every visit so far. ``recalibrate`` resets the statistics on the first visit (or the first after
     a training visit) and continues their cumulative average on later ones. ``model``/``meta``: the
     model already in memory (the simulation); otherwise it is read from ``model_path``."""
-    from dvlib.train import resolve_device
+    from dvlib.device import resolve_device
 
     if mode not in restore.VISITS:
         raise DvlibError(f"unknown restore visit {mode!r}; valid: {', '.join(restore.VISITS)}")
@@ -106,10 +110,10 @@ def restore_site(model_path: str | os.PathLike, local: LocalData, out: str | os.
                              f"{current}); its images would count twice. Use --allow-revisit only if this is other data")
     size = integer(image_size if image_size is not None else meta["image_size"], "image size", low=1,
                    high=MAX_IMAGE_SIZE)
-    batch = integer(batch_size if batch_size is not None else
-                    (restore.BN_BATCH if mode == "recalibrate" else _source_value(meta, "batch_size", 32)),
+    batch = integer(batch_size if batch_size is not None else restore.BN_BATCH if mode == "recalibrate"
+                    else _source_value(meta, "batch_size", FALLBACK.batch_size),
                     "batch size", low=2)  # BatchNorm needs more than one image
-    lr = finite_number(lr if lr is not None else _source_value(meta, "lr", 2e-4), "lr", low=0.0)
+    lr = finite_number(lr if lr is not None else _source_value(meta, "lr", FALLBACK.lr), "lr", low=0.0)
     dev = resolve_device(device)
     shard = local.shard(subset, size, dev)
     rec = restore.visit(model, mode, shard, index=len(visits), reset=reset, seed=integer(seed, "seed"), size=size,
@@ -133,7 +137,7 @@ def evaluate_sites(model_path: str | os.PathLike, locals_: Sequence[LocalData], 
                    weights: str | None = None, weights_dirs=()) -> tuple[pd.DataFrame, dict]:
     """Metrics of a model (or a site's vector file) on each site's ``subset`` and pooled; returns a
     tidy table and a JSON-able record with the confusion matrices."""
-    from dvlib.train import resolve_device
+    from dvlib.device import resolve_device
 
     if not locals_:
         raise DvlibError("evaluate: give at least one --data folder")

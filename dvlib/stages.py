@@ -23,17 +23,18 @@ from dvlib.vectors import DataVector, key_kinds
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What every hospital of a consortium agrees on, and trains with."""
+    """What every hospital of a consortium agrees on, and trains with: the training knobs of a
+    :class:`dvlib.presets.Preset`, which builds it (:meth:`from_preset`) and states their defaults."""
 
-    arch: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    head: str = "append"
-    image_size: int = 128
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    eval_batch_size: int = 128
+    arch: str
+    weights: str
+    head: str
+    image_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    eval_batch_size: int
 
     @classmethod
     def from_preset(cls, preset) -> "TrainSettings":

@@ -26,7 +26,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from dvlib.checks import StateDict, fail, finite_number, layout_problems
+from dvlib.checks import StateDict, fail, finite_number, finite_problems, layout_problems
+from dvlib.io import DvlibError
+from dvlib.models import HEAD_PREFIX
 
 BN_STAT_NAMES = ("running_mean", "running_var")
 COUNTER_NAME = "num_batches_tracked"
@@ -45,7 +47,7 @@ PARAM, HEAD, BN_STAT, COUNTER = Kind.PARAM, Kind.HEAD, Kind.BN_STAT, Kind.COUNTE
 CARRIED = (HEAD, BN_STAT)  # kinds averaged over the models summed
 
 
-def kind_by_name(key: str, head_prefixes: Sequence[str] = ("head.",)) -> Kind:
+def kind_by_name(key: str, head_prefixes: Sequence[str] = (HEAD_PREFIX,)) -> Kind:
     leaf = key.rsplit(".", 1)[-1]
     if leaf in BN_STAT_NAMES:
         return BN_STAT
@@ -55,7 +57,7 @@ def kind_by_name(key: str, head_prefixes: Sequence[str] = ("head.",)) -> Kind:
 
 
 def key_kinds(state_dict: StateDict, model: nn.Module | None = None,
-              head_prefixes: str | Sequence[str] = ("head.",)) -> dict[str, Kind]:
+              head_prefixes: str | Sequence[str] = (HEAD_PREFIX,)) -> dict[str, Kind]:
     """Kind of every key of ``state_dict`` (same order), from ``model``'s module types when given
     (a buffer that is not a BatchNorm statistic or counter is an error), else from key names."""
     prefixes = (head_prefixes,) if isinstance(head_prefixes, str) else tuple(head_prefixes)
@@ -135,9 +137,38 @@ class DataVector:
                      f"{tuple(pretrained[k].shape)}/{pretrained[k].dtype}" for k in params if k in pretrained
                      and (finetuned[k].shape != pretrained[k].shape or finetuned[k].dtype != pretrained[k].dtype)]
         fail(problems, "cannot compute the data vector")
+        return cls._difference(finetuned, pretrained, kinds)
+
+    @classmethod
+    def _difference(cls, finetuned: StateDict, pretrained: StateDict, kinds: Mapping[str, Kind]) -> "DataVector":
         out = {k: (torch.sub(_work(finetuned[k]), _work(pretrained[k])) if kd == PARAM else finetuned[k].detach())
                for k, kd in kinds.items()}
         return cls(out, kinds)
+
+    @classmethod
+    @torch.no_grad()
+    def from_models(cls, finetuned: Sequence[StateDict], pretrained: StateDict,
+                    names: Sequence[str] | None = None) -> list["DataVector"]:
+        """Each fine-tuned model's ``tau_i`` (kinds from the first model's key names). One
+        DvlibError lists every key, shape, dtype and NaN/Inf, model by model (``names``), that keeps
+        them from being merged; the pretrained state dict needs no head (a new head has no
+        pretrained value)."""
+        if isinstance(finetuned, Mapping):
+            raise DvlibError("finetuned must be a list of state dicts, got a single state dict")
+        finetuned = list(finetuned)
+        names = [f"finetuned[{i}]" for i in range(len(finetuned))] if names is None else [str(n) for n in names]
+        if not finetuned:
+            raise DvlibError("need at least 1 fine-tuned state dict, got 0")
+        if len(names) != len(finetuned):
+            raise DvlibError(f"names: {len(names)} names for {len(finetuned)} fine-tuned state dicts")
+        kinds = key_kinds(finetuned[0])
+        problems = layout_problems(finetuned, names)
+        problems += [line for ft, n in zip(finetuned, names) for line in finite_problems(ft, n)]
+        problems += layout_problems([{k: v for k, v in finetuned[0].items() if kinds[k] != HEAD},
+                                     {k: v for k, v in pretrained.items() if kinds.get(k) != HEAD}],
+                                    [names[0], "pretrained"])
+        fail(problems, "cannot merge")
+        return [cls._difference(ft, pretrained, kinds) for ft in finetuned]
 
     # --- what it holds -------------------------------------------------------------------------
     def part(self, *kinds: Kind) -> dict[str, torch.Tensor]:
@@ -208,6 +239,9 @@ class DataVector:
     def with_bn_moved(self, pretrained: StateDict) -> "DataVector":
         """BN statistics treated like weights (``bn_i - bn_pre``, then scaled): the failure case of
         ``bn_buffers="arithmetic"``, kept to show why the statistics must be restored instead."""
+        fail([f"'{k}': a BatchNorm statistic with no pretrained value of its shape" for k, kd in self.kinds.items()
+              if kd == BN_STAT and (k not in pretrained or pretrained[k].shape != self.tensors[k].shape)],
+             "cannot move the BatchNorm statistics")
         kinds = {k: PARAM if kd == BN_STAT else kd for k, kd in self.kinds.items()}
         out = {k: _work(t) / self.weight - _work(pretrained[k]) if self.kinds[k] == BN_STAT else t
                for k, t in self.tensors.items()}

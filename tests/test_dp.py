@@ -1,6 +1,9 @@
-"""dvlib.dp: per-image convolution gradients, accounting against Opacus' RDP accountant, frozen
+"""dvlib.studies.privacy.dp: per-image convolution gradients, accounting against Opacus' RDP accountant, frozen
 BatchNorm, clean unwrapping, and that DP-SGD still learns when epsilon is huge (small CNN, seconds)."""
 from __future__ import annotations
+
+import math
+import re
 
 import pytest
 import torch
@@ -12,7 +15,8 @@ from opacus.grad_sample.conv import compute_conv_grad_sample  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
 
 from dvlib.data import load_dataset  # noqa: E402
-from dvlib.dp import _hooks, conv2d_grad_sample, epsilon, fit_dp, freeze_batchnorm, select_trainable  # noqa: E402
+from dvlib.studies.privacy.dp import epsilon, fit_dp, freeze_batchnorm, noise_multiplier, select_trainable  # noqa: E402
+from dvlib.studies.privacy.grad_sample import conv2d_grad_sample, grad_sample_hooks  # noqa: E402
 from dvlib.io import DvlibError  # noqa: E402
 from dvlib.loader import ImageCache, cache_size_for, center_crop  # noqa: E402
 from dvlib.models import build  # noqa: E402
@@ -167,6 +171,36 @@ def test_head_only_and_bad_arguments(data):
             fit_dp(_model(), cache, rows, labels, **{**kw, **bad})
 
 
+def test_an_infinite_epsilon_or_a_vacuous_delta_trains_nothing(data):
+    """Opacus' noise search returns its starting noise for epsilon = inf, which would be labelled inf."""
+    cache, rows, labels = data
+    n, model = len(rows), _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(epochs=1, batch_size=4, lr=1e-3, size=SIZE, seed=0)
+    for bad, match in [(dict(target_epsilon=math.inf), "target_epsilon must be a finite number > 0, got inf"),
+                       (dict(target_epsilon=math.nan), "target_epsilon must be a finite number > 0, got nan"),
+                       (dict(target_epsilon=1.0, delta=2 / n), f"delta {2 / n!r} is at least 2/n"),
+                       (dict(target_epsilon=1.0, delta=1.0), "delta must be a finite number in (0, 1), got 1.0")]:
+        with pytest.raises(DvlibError, match=re.escape(match)):
+            fit_dp(model, cache, rows, labels, **kw, **bad)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    with pytest.raises(DvlibError, match="target_epsilon must be a finite number > 0, got inf"):
+        noise_multiplier(math.inf, 0.01, 0.1, 10)
+
+
+def test_a_given_delta_is_the_one_accounted(data):
+    cache, rows, labels = data
+    n, delta = len(rows), 0.25 / len(rows)
+    hist = fit_dp(_model(), cache, rows, labels, epochs=1, batch_size=4, lr=1e-3, size=SIZE, seed=0,
+                  target_epsilon=3.0, delta=delta)
+    h = hist[-1]
+    assert h["delta"] == delta
+    assert h["epsilon"] == pytest.approx(epsilon(h["noise_multiplier"], 4 / n, h["steps"], delta), rel=1e-12)
+    assert 3.0 - 0.02 < h["epsilon"] <= 3.0
+    assert h["noise_multiplier"] > noise_multiplier(3.0, 1 / n, 4 / n, h["steps"])  # a smaller delta costs noise
+
+
 def test_opacus_blind_spots_that_fit_dp_covers():
     """Why fit_dp freezes BatchNorm itself instead of trusting Opacus' validator."""
     model = _model()
@@ -181,5 +215,5 @@ def test_opacus_blind_spots_that_fit_dp_covers():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), timm_layers.BatchNormAct2d(4)).train()
     assert ModuleValidator.validate(net) == []  # a BatchNorm subclass is not recognised as BatchNorm
     with pytest.raises(DvlibError, match="trainable layer with buffers"):
-        _hooks(net, "dvlib")
+        grad_sample_hooks(net, "dvlib")
     assert select_trainable(net) == ["0.weight", "0.bias"]  # ... which select_trainable never trains

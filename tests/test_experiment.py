@@ -1,6 +1,8 @@
-"""Fine-tuning spread over several devices (one process each) gives the models of the one-device path."""
+"""Fine-tuning spread over several devices (one process each) gives the models of the one-device path;
+the contract of the experiment's caches (:mod:`dvlib.experiment.cache`)."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -68,14 +70,14 @@ def test_whole_protocol_with_gpu_like_model_moves_and_bf16(tmp_path, pad_root, m
     """What a GPU changes, imitated on the CPU: moving a model makes new parameter tensors (in
     channels_last), and the forward pass runs under bf16 autocast. Every step must still work on the
     models it reuses (a move inside inference mode once broke reloading them, on GPUs only)."""
-    from dvlib import train
+    from dvlib import device
 
-    def moving_prepare(model, device):
+    def moving_prepare(model, dev):
         model._apply(lambda t: t.clone())
         return model.to(memory_format=torch.channels_last)
 
-    monkeypatch.setattr(train, "prepare", moving_prepare)  # restore and verify take train.prepare when called
-    monkeypatch.setattr(train, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(device, "prepare", moving_prepare)  # fit, predict, restore, verify look it up when called
+    monkeypatch.setattr(device, "_autocast", lambda dev: torch.autocast("cpu", dtype=torch.bfloat16))
     run = _run(tmp_path, "gpu-like", pad_root, monkeypatch)
     ex.step_finetune(run, progress=False)
     merged = ex.step_merge(run, methods=("params_mean", "data_vector"))
@@ -107,3 +109,56 @@ def test_dirichlet_hospitals_may_lack_classes_and_still_train(tmp_path, pad_root
 
     with pytest.raises(DvlibError, match="no training images of class"):
         make_split(ex.dataset_index(run), 3, "dirichlet", 0.1, 0.2, seed=0)
+
+
+# --- the experiment's caches --------------------------------------------------------------------------
+
+def _split_replicate(root, pad_root, monkeypatch):
+    monkeypatch.setenv("DVLIB_DATA", str(pad_root))
+    monkeypatch.setenv("DVLIB_PLAIN", "0")
+    ex.reset_caches()
+    run = ex.open_run("caches", "smoke", seeds=[0], root=root, device="cpu", **SMALL)
+    ex.step_split(run)
+    r = ex.replicate(run, 0, 0)
+    pre = r.pretrained()[0]
+    return run, r, pre, {k: v + 0.01 if v.is_floating_point() else v for k, v in pre.items()}
+
+
+def _holds(net, state) -> bool:
+    own = net.state_dict()
+    return own.keys() == state.keys() and all(torch.equal(own[k], state[k]) for k in state)
+
+
+def test_model_from_is_a_new_network_unless_the_shared_one_is_asked_for(tmp_path, pad_root, monkeypatch):
+    run, r, pre, other = _split_replicate(tmp_path, pad_root, monkeypatch)
+    a, b = r.model_from(pre), r.model_from(other)
+    assert a is not b and not a.training and not b.training
+    assert _holds(a, pre) and _holds(b, other)  # the second did not overwrite the first
+    shared = r.model_from(pre, shared=True)
+    assert shared is not a and _holds(shared, pre)
+    assert r.model_from(other, shared=True) is shared and _holds(shared, other) and _holds(a, pre)
+    assert r.pretrained_model() is not r.pretrained_model()
+    assert r.pretrained_model(shared=True) is shared and _holds(shared, pre)
+
+
+def test_stored_probabilities_serve_only_the_same_weights_and_cache_version(tmp_path, pad_root, monkeypatch):
+    from dvlib.experiment import cache
+
+    run, r, pre, other = _split_replicate(tmp_path, pad_root, monkeypatch)
+    first, _ = r.evaluate(r.model_from(pre), model="pre")
+    assert r.evaluations == {"computed": 1, "reused": 0}
+    assert ex.replicate(run, 0, 0) is r  # kept by the process
+    ex.reset_caches()  # as a later process: only <run>/cache/ remains
+    r2 = ex.replicate(run, 0, 0)
+    assert r2 is not r
+    again, _ = r2.evaluate(r2.model_from(pre), model="pre")
+    assert r2.evaluations == {"computed": 0, "reused": 1}
+    pd.testing.assert_frame_equal(pd.DataFrame(first), pd.DataFrame(again), check_exact=True)
+    r2.evaluate(r2.model_from(other), model="other")  # other weights: computed
+    assert r2.evaluations == {"computed": 1, "reused": 1}
+    monkeypatch.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION + 1)  # the forward pass changed
+    ex.reset_caches()
+    r3 = ex.replicate(run, 0, 0)
+    r3.evaluate(r3.model_from(pre), model="pre")
+    assert r3.evaluations == {"computed": 1, "reused": 0}
+    assert len(list((run.dir / "cache" / "predictions").glob("*.npz"))) == 3

@@ -1,15 +1,17 @@
-"""Federated learning on Flower (dvlib.federated): the same stages, driven by a ClientApp and a ServerApp.
+"""Federated learning on Flower (dvlib.studies.federated): the same stages, driven by a ClientApp and a ServerApp.
 
 One small run (smoke preset, synthetic images, smallcnn at 32 px, 2 hospitals, 2 epochs) goes through
 the notebook chain's steps 01-04, then through notebook 07's step with every reuse off, so that each
 hospital trains inside Flower: one simulation (Ray) holds the data-vector exchange, FedAvg and FedBN
-at R = 1 and 2. The deployment-runtime test starts a SuperLink and two SuperNodes as processes on
-127.0.0.1 and runs one data-vector exchange. Torch runs one thread here (tests/conftest.py) and the
+at R = 1 and 2. Two tests run the checked-in Flower App folder with ``flwr run``, as a Flower user
+would (marker ``deployment``): against a SuperLink in simulation mode, and against a SuperLink with
+two SuperNodes, all processes on 127.0.0.1. Torch runs one thread here (tests/conftest.py) and the
 hospitals are told to run as many, so the arithmetic is the same in every process.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,11 +20,16 @@ import torch
 
 pytest.importorskip("flwr", reason="the [fl] extra: pip install -e '.[fl]'")
 
+from dvlib import __version__
 from dvlib import experiment as ex
-from dvlib.federated import hospital as hosp
-from dvlib.federated.evaluation import rows_from_parts
-from dvlib.federated.records import state_bytes
-from dvlib.federated.steps import (
+from dvlib.io import DvlibError
+from dvlib.studies.federated import FLOWER_EXTRA
+from dvlib.studies.federated import hospital as hosp
+from dvlib.studies.federated.app import server_app
+from dvlib.studies.federated.deployment import LocalDeployment
+from dvlib.studies.federated.evaluation import rows_from_parts
+from dvlib.studies.federated.records import state_bytes
+from dvlib.studies.federated.steps import (
     data_vector_bytes,
     federation_config,
     ledger_costs,
@@ -211,32 +218,133 @@ def test_reuse_returns_what_it_replaces(fl_run):
 
 
 def test_rounds_must_split_the_local_epochs(fl_run):
-    from dvlib.io import DvlibError
-
     with pytest.raises(DvlibError, match="divide the 2 local epochs"):
         step_federated(fl_run, rounds=(3,))
     with pytest.raises(DvlibError, match="unknown federated methods"):
         step_federated(fl_run, methods=("fedprox",))
 
 
-@pytest.mark.deployment
-def test_deployment_runtime_gives_the_simulations_weights(fed, tmp_path):
-    """A SuperLink and two SuperNodes as processes on 127.0.0.1 (free ports), one data-vector
-    exchange (the hospitals train in their own processes), everything stopped; the merged weights
-    are the simulation's, bit for bit."""
-    from dvlib.federated.app import write_app
-    from dvlib.federated.deployment import LocalDeployment
+def _app_pyproject() -> dict:
+    import tomli  # a dependency of Flower's; tomllib is Python 3.11+
 
-    run, _, raw = fed
-    r = ex.replicate(run, *run.replicates[0])
-    cfg = {**federation_config(r, ["data_vector"], "none", reuse=False, threads=1), "num-nodes": 2,
-           "out-dir": str(tmp_path / "out"), "evaluate": False, "warmup": False, "timeout": 300.0}
-    with LocalDeployment(tmp_path / "deploy", [{"run": str(run.dir)}, {"run": str(run.dir)}]) as d:
+    return tomli.loads((server_app.APP_DIR / "pyproject.toml").read_text())
+
+
+def test_the_app_folder_is_a_flower_app_of_this_dvlib():
+    """What ``flwr run`` checks first (Flower's own validation, components imported and looked up),
+    and that the app names this dvlib's version and the Flower of the [fl] extra."""
+    import tomli
+    from flwr.clientapp import ClientApp
+    from flwr.common.config import validate_config
+    from flwr.serverapp import ServerApp
+
+    from dvlib.studies.federated.app import client_app
+
+    cfg = _app_pyproject()
+    ok, errors, _ = validate_config(cfg, check_module=True, project_dir=server_app.APP_DIR)
+    assert ok and errors == []
+    assert isinstance(client_app.app, ClientApp) and isinstance(server_app.app, ServerApp)
+    flower = FLOWER_EXTRA.split("(")[1].rstrip(")")
+    assert cfg["project"]["version"] == __version__
+    assert cfg["project"]["dependencies"] == [f"dvlib=={__version__}", flower]
+    root = tomli.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert root["project"]["optional-dependencies"]["fl"] == [flower]
+
+
+def test_run_config_overrides_the_apps_knobs_and_refuses_unknown_keys():
+    knobs = _app_pyproject()["tool"]["flwr"]["app"]["config"]
+    assert server_app.run_config({"lam": 0.25, "jobs": "fedavg-2"}) == {**knobs, "lam": 0.25, "jobs": "fedavg-2"}
+    with pytest.raises(DvlibError, match=r"pyproject.toml: run config: Key 'poll-interval' is not present"):
+        server_app.run_config({"poll-interval": 0.2})
+
+
+def test_settings_and_classes_come_from_the_run_or_the_preset(fl_run):
+    import json
+
+    from dvlib.presets import get_preset
+    from dvlib.stages import TrainSettings
+
+    r = ex.replicate(fl_run, *fl_run.replicates[0])
+    fed = federation_config(r, [])  # what notebook 07 hands the ServerApp
+    got = server_app.consortium(server_app.run_config({"run-dir": str(fl_run.dir), "train-seed": r.train_seed}))
+    assert (got["settings"], got["classes"], got["preset"]) == (fed["settings"], fed["classes"], "smoke")
+    assert json.loads(got["settings"])["image_size"] == SMALL["image_size"]  # the run's, not the smoke preset's 56
+    quick = server_app.consortium(server_app.run_config({"preset": "quick", "classes": '["BCC", "MEL"]'}))
+    assert TrainSettings(**json.loads(quick["settings"])) == TrainSettings.from_preset(get_preset("quick"))
+    assert quick["classes"] == '["BCC", "MEL"]'
+    with pytest.raises(DvlibError, match="the run config needs 'classes'"):
+        server_app.consortium(server_app.run_config({"preset": "quick"}))
+
+
+def test_one_in_process_run_at_a_time(tmp_path):
+    with server_app.in_process({"lam": 0.25}) as sink:
+        with pytest.raises(DvlibError, match="already under way"):
+            with server_app.in_process({}):
+                pass
+    assert sink == {}
+    with server_app.in_process({}) as again:  # closed: the next run may start
+        assert again == {}
+    with pytest.raises(DvlibError, match="give no node configs"):
+        LocalDeployment(tmp_path, ['run="/r"'], simulation=True)
+
+
+def test_supernode_configs_get_their_partition():
+    from dvlib.studies.federated.deployment import _with_partition
+
+    assert _with_partition('run="/r"', 1, 2) == 'run="/r" partition-id=1 num-partitions=2'
+    assert _with_partition('data="/d" partition-id=5', 0, 2) == 'data="/d" partition-id=5 num-partitions=2'
+
+
+def _same_weights(path, state) -> bool:
+    got = load_model(path).state
+    return list(got) == list(state) and all(got[k].dtype == state[k].dtype and torch.equal(got[k], state[k]) for k in state)
+
+
+def _run_knobs(r, out, jobs: str, restore: str) -> str:
+    """Flower's ``--run-config`` text for replicate ``r`` of a run (settings and classes come from the run)."""
+    return (f'run-dir="{r.run.dir}" split-seed={r.split_seed} train-seed={r.train_seed} lam={r.p.lam} jobs="{jobs}" '
+            f'restore="{restore}" reuse=false threads=1 num-nodes=2 out-dir="{out}" evaluate=false timeout=300.0')
+
+
+@pytest.mark.deployment
+def test_flwr_run_in_the_simulation_runtime_gives_the_runs_merged_and_restored_weights(fl_run, tmp_path):
+    """``flwr run <app folder>`` against a SuperLink in simulation mode (two virtual SuperNodes, Ray
+    actors): one data-vector exchange and its recalibration visits, the hospitals training inside
+    Flower; the merged and restored weights are the run's own files (steps 03-04), bit for bit. Ray
+    is started here and Flower joins it (``RAY_ADDRESS``): started by Flower itself it fails on a
+    loaded machine (ray-project/ray#65983, see simulation._agent_ports_given)."""
+    import ray
+
+    from dvlib.studies.federated.simulation import backend_config, start_ray
+
+    r = ex.replicate(fl_run, *fl_run.replicates[0])
+    out = tmp_path / "out"
+    try:
+        address = start_ray(backend_config(actors=1)["init_args"])
+        with LocalDeployment(tmp_path / "sim", simulation=True, env={"RAY_ADDRESS": address}) as d:
+            status = d.wait(d.submit(server_app.APP_DIR, [_run_knobs(r, out, "data_vector", "recalibrate")],
+                                     ["num-supernodes=2 client-resources-num-cpus=1"]), timeout=600)
+    finally:
+        ray.shutdown()
+    assert status["status"] == "finished:completed"
+    assert all(p.poll() is not None for p in d.procs.values()) and not d.leftovers
+    print(f"\nsimulation-runtime timings: {d.timings}")
+    for tag in ("merged_data_vector", "restored_data_vector_recalibrate"):
+        assert _same_weights(out / "data_vector" / f"{tag}.safetensors", load_model(r.path(tag)).state), tag
+
+
+@pytest.mark.deployment
+def test_deployment_runtime_gives_the_simulations_weights(fl_run, tmp_path):
+    """``flwr run <app folder>`` against a SuperLink and two SuperNodes, processes on 127.0.0.1 (free
+    ports): one data-vector exchange (the hospitals train in their own processes), everything
+    stopped; the merged weights are the run's merged file, which the simulation reproduces bit for
+    bit (test_data_vector_exchange_through_flower_is_the_simulations_merge_bit_for_bit)."""
+    r = ex.replicate(fl_run, *fl_run.replicates[0])
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path / "deploy", [f'run="{fl_run.dir}"', f'run="{fl_run.dir}"']) as d:
         assert all(p.poll() is None for p in d.procs.values()) and len(d.procs) == 3
-        status = d.wait(d.submit(write_app(tmp_path / "app"), cfg), timeout=300)
+        status = d.wait(d.submit(server_app.APP_DIR, [_run_knobs(r, out, "data_vector", "none")]), timeout=300)
     assert status["status"] == "finished:completed"
     assert all(p.poll() is not None for p in d.procs.values()) and not d.leftovers
     print(f"\ndeployment timings: {d.timings}")
-    got = load_model(tmp_path / "out" / "data_vector" / "merged_data_vector.safetensors").state
-    sim = raw["data_vector"]["merged"]
-    assert list(got) == list(sim) and all(torch.equal(got[k], sim[k]) for k in sim)
+    assert _same_weights(out / "data_vector" / "merged_data_vector.safetensors", load_model(r.path("merged_data_vector")).state)

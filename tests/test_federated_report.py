@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from dvlib.io import DvlibError
-from dvlib.reporting import federated as fedrep
+from dvlib.studies.federated import report as fedrep
 
 ROOT = Path(__file__).resolve().parents[1]
 # (method, restore, rounds, sync rounds, MB up): the data vector's two restores, FedAvg at R = 1 and 4

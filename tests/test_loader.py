@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from dvlib import loader, train
+from dvlib import device, loader, train
 from dvlib.data.base import DatasetIndex
 from dvlib.loader import (AugParams, ImageCache, augment, augment_reference, batches, cache_size_for, center_crop,
                           draw_params)
@@ -217,9 +217,9 @@ READ_BACKS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
 
 
 def _count_read_backs(monkeypatch, fn) -> list[tuple[str, str, int]]:
-    """Run ``fn`` with every tensor -> Python read-back made from dvlib/loader.py or dvlib/train.py
-    recorded (on a GPU each one waits for the device)."""
-    ours = {loader.__file__, train.__file__}
+    """Run ``fn`` with every tensor -> Python read-back made from dvlib/loader.py, dvlib/train.py or
+    dvlib/device.py recorded (on a GPU each one waits for the device)."""
+    ours = {loader.__file__, train.__file__, device.__file__}
     calls: list[tuple[str, str, int]] = []
     for name in READ_BACKS:
         orig = getattr(torch.Tensor, name)
@@ -280,11 +280,11 @@ def test_model_stays_trainable_after_predict_moves_it(monkeypatch):
     from dvlib import bn
     from dvlib.models import build
 
-    def moving_prepare(model, device):
+    def moving_prepare(model, dev):
         model._apply(lambda t: t.clone())
         return model
 
-    monkeypatch.setattr(train, "prepare", moving_prepare)
+    monkeypatch.setattr(device, "prepare", moving_prepare)
     c = _cache(n=12, side=20)
     m = build("smallcnn", 3, weights="random", seed=0)
     other = build("smallcnn", 3, weights="random", seed=1).state_dict()

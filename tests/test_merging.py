@@ -16,7 +16,7 @@ from dvlib import merge
 from dvlib.checks import negative_variance_keys
 from dvlib.io import DvlibError
 from dvlib.methods import BN_MODES, METHODS, random_like
-from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, key_kinds, keys_of
+from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, key_kinds, keys_of
 
 
 def layer_norms(sd: dict) -> dict:
@@ -90,7 +90,7 @@ def _params(sd: dict) -> list[str]:
 @pytest.mark.parametrize("lam", [0.5, 0.3])
 def test_data_vector_formula(models, lam):
     net, pre, fts = models
-    out = merge(pre, fts, method="data_vector", lam=lam)
+    out, _ = merge(pre, fts, method="data_vector", lam=lam)
     assert list(out) == list(pre)
     for k in _params(pre):
         expected = pre[k].double() + lam * sum(ft[k].double() - pre[k].double() for ft in fts)
@@ -99,8 +99,8 @@ def test_data_vector_formula(models, lam):
 
 def test_params_mean_formula_and_data_vector_with_lam_1_over_n(models):
     _, pre, fts = models
-    mean = merge(pre, fts, method="params_mean")
-    dv = merge(pre, fts, method="data_vector", lam=1 / len(fts))
+    mean, _ = merge(pre, fts, method="params_mean")
+    dv, _ = merge(pre, fts, method="data_vector", lam=1 / len(fts))
     for k in _params(pre):
         expected = sum(ft[k].double() for ft in fts) / len(fts)
         _close(mean[k], expected, k)
@@ -110,14 +110,14 @@ def test_params_mean_formula_and_data_vector_with_lam_1_over_n(models):
 def test_weighted_formula_head_and_bn(models):
     _, pre, fts = models
     counts = [100, 300, 600]
-    out = merge(pre, fts, method="weighted", weights=counts)
+    out, _ = merge(pre, fts, method="weighted", weights=counts)
     w = [c / sum(counts) for c in counts]
     kinds = key_kinds(pre)
     for k in keys_of(kinds, PARAM, HEAD, BN_STAT):
         _close(out[k], sum(wi * ft[k].double() for wi, ft in zip(w, fts)), k)
     # uniform weights give params_mean
-    uni = merge(pre, fts, method="weighted", weights=[1, 1, 1])
-    mean = merge(pre, fts, method="params_mean")
+    uni, _ = merge(pre, fts, method="weighted", weights=[1, 1, 1])
+    mean, _ = merge(pre, fts, method="params_mean")
     for k in _params(pre):
         _close(uni[k], mean[k], k)
 
@@ -144,7 +144,7 @@ def test_random_vector_norms_formula_and_seed(models):
         assert set(got) == set(tau_norms)
         for k in tau_norms:
             assert got[k] == pytest.approx(tau_norms[k], rel=1e-6), k
-    out = merge(pre, fts, method="random_vector", lam=0.5, seed=7)
+    out, _ = merge(pre, fts, method="random_vector", lam=0.5, seed=7)
     for k in _params(pre):
         _close(out[k], pre[k].double() + 0.5 * sum(r[k].double() for r in rv), k)
     # the random directions are unrelated to the real ones
@@ -152,8 +152,8 @@ def test_random_vector_norms_formula_and_seed(models):
     tau = (fts[0][k] - pre[k]).reshape(-1).double()
     cos = float(torch.dot(tau, rv[0][k].reshape(-1).double()) / (tau.norm() * rv[0][k].double().norm()))
     assert abs(cos) < 0.01
-    again = merge(pre, fts, method="random_vector", lam=0.5, seed=7)
-    other = merge(pre, fts, method="random_vector", lam=0.5, seed=8)
+    again, _ = merge(pre, fts, method="random_vector", lam=0.5, seed=7)
+    other, _ = merge(pre, fts, method="random_vector", lam=0.5, seed=8)
     assert all(torch.equal(out[k], again[k]) for k in out)
     assert not torch.equal(out[k], other[k])
 
@@ -197,7 +197,7 @@ def test_ties_formula(models, scope):
     pre = {k: v for k, v in pre.items() if k.startswith(part)}
     fts = [{k: ft[k] for k in pre} for ft in fts]
     keys = _params(pre)
-    out = merge(pre, fts, method="ties", lam=1.0, density=0.2, scope=scope)
+    out, _ = merge(pre, fts, method="ties", lam=1.0, density=0.2, scope=scope)
     ref = _ties_reference(pre, fts, keys, 0.2, 1.0, scope)
     for k in keys:
         _close(out[k], ref[k], k)
@@ -206,7 +206,7 @@ def test_ties_formula(models, scope):
 def test_dare_formula(models):
     _, pre, fts = models
     p, lam, seed = 0.3, 0.5, 11
-    out = merge(pre, fts, method="dare", lam=lam, seed=seed, p=p)
+    out, _ = merge(pre, fts, method="dare", lam=lam, seed=seed, p=p)
     gen = torch.Generator().manual_seed(seed)  # documented recipe: model by model, then key by key
     kept = total = 0
     acc = {k: torch.zeros(pre[k].shape, dtype=torch.float64) for k in _params(pre)}
@@ -230,9 +230,9 @@ def test_ties_hand_computed_trim_elect_disjoint_mean():
     fts = [{"w": pre["w"] + t} for t in taus]
     # trimmed sums [5, 5, -6, -4, 0] -> signs [+, +, -, -, 0]; zero sign -> majority sign(+1+1-1-1) = 0
     # disjoint means: (3+4)/2, 5, -6, -4, nothing -> 0
-    out = merge(pre, fts, method="ties", lam=1.0, density=0.4)
+    out, _ = merge(pre, fts, method="ties", lam=1.0, density=0.4)
     assert torch.equal(out["w"], torch.tensor([4.5, 6.0, -5.0, -3.0, 1.0]))
-    half = merge(pre, fts, method="ties", lam=0.5, density=0.4)
+    half, _ = merge(pre, fts, method="ties", lam=0.5, density=0.4)
     assert torch.equal(half["w"], 1 + 0.5 * torch.tensor([3.5, 5.0, -6.0, -4.0, 0.0]))
 
 
@@ -243,7 +243,7 @@ def test_ties_hand_computed_zero_sign_takes_majority():
            {"b": torch.zeros(4)}]
     # density 1 keeps all; sums [0, -3, 3, 4] -> signs [0, -, +, +]; majority sign(0-1+1+1) = +
     # element 0 takes +: only 1.0 agrees -> 1; element 1: (-2-1)/2; element 2: (1+2)/2; element 3: (3+1)/2
-    out = merge(pre, fts, method="ties", lam=1.0, density=1.0)
+    out, _ = merge(pre, fts, method="ties", lam=1.0, density=1.0)
     assert torch.equal(out["b"], torch.tensor([1.0, -1.5, 1.5, 2.0]))
 
 
@@ -253,11 +253,11 @@ def test_ties_hand_computed_global_vs_per_key():
            {"a": torch.tensor([-2.0, 1.0, 6.0]), "b": torch.tensor([3.0, 2.0, -1.0])}]
     # global, density 0.5 of 6 -> k=3 per model. model 1 keeps -5, 4, -3; model 2: 6, 3 and the tie at
     # |2| (a[0]=-2, b[1]=2) -> keeps 6, 3, -2, 2. a: sums [-2,-5,6] -> [-2,-5,6]; b: [3, (4+2)/2, -3]
-    g = merge(pre, fts, method="ties", lam=1.0, density=0.5, scope="global")
+    g, _ = merge(pre, fts, method="ties", lam=1.0, density=0.5, scope="global")
     assert torch.equal(g["a"], torch.tensor([-2.0, -5.0, 6.0]))
     assert torch.equal(g["b"], torch.tensor([3.0, 3.0, -3.0]))
     # per key, k = ceil(1.5) = 2 of 3: a: [0,-5,2] and [-2,0,6] -> [-2, -5, (2+6)/2]; b: [0,4,-3], [3,2,0]
-    p = merge(pre, fts, method="ties", lam=1.0, density=0.5, scope="per_key")
+    p, _ = merge(pre, fts, method="ties", lam=1.0, density=0.5, scope="per_key")
     assert torch.equal(p["a"], torch.tensor([-2.0, -5.0, 4.0]))
     assert torch.equal(p["b"], torch.tensor([3.0, 3.0, -3.0]))
 
@@ -270,7 +270,7 @@ def test_dare_hand_computed():
     gen = torch.Generator().manual_seed(seed)
     draws = [{k: torch.rand(pre[k].shape, generator=gen) >= p for k in ("w", "v")} for _ in fts]  # model, then key
     masks = {k: [d[k] for d in draws] for k in ("w", "v")}
-    out = merge(pre, fts, method="dare", lam=0.5, seed=seed, p=p)
+    out, _ = merge(pre, fts, method="dare", lam=0.5, seed=seed, p=p)
     # survivors doubled (1 / (1 - 0.5)), summed, halved (lam): pre + sum of surviving taus
     taus_w = [torch.tensor([1.0, 0.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 0.0, 1.0])]
     taus_v = [fts[0]["v"], fts[1]["v"]]
@@ -279,7 +279,7 @@ def test_dare_hand_computed():
         assert torch.equal(out[k], expected), (k, masks[k])
     assert any(not m.all() for ms in masks.values() for m in ms)  # something was dropped
     # p = 0 drops nothing: data_vector
-    assert torch.equal(merge(pre, fts, method="dare", lam=0.5, p=0.0)["w"], merge(pre, fts, lam=0.5)["w"])
+    assert torch.equal(merge(pre, fts, method="dare", lam=0.5, p=0.0)[0]["w"], merge(pre, fts, lam=0.5)[0]["w"])
 
 
 # -------------------------------------------------------------------------- heads, BN, counters
@@ -289,7 +289,7 @@ def test_every_method_averages_head_keeps_keys_dtypes_and_integer_counters(model
     _, pre, fts = models
     weights = [1, 2, 3] if method == "weighted" else None
     opts = {"density": 0.5} if method == "ties" else {}
-    out = merge(pre, fts, method=method, weights=weights, **opts)
+    out, _ = merge(pre, fts, method=method, weights=weights, **opts)
     assert list(out) == list(pre)
     assert all(out[k].dtype == pre[k].dtype and out[k].shape == pre[k].shape for k in pre)
     w = [x / sum(weights) for x in weights] if weights else [1 / len(fts)] * len(fts)
@@ -304,7 +304,7 @@ def test_every_method_averages_head_keeps_keys_dtypes_and_integer_counters(model
 def test_head_missing_from_pretrained_is_fine(models):
     _, pre, fts = models
     no_head = {k: v for k, v in pre.items() if not k.startswith("head.")}
-    out = merge(no_head, fts)
+    out, _ = merge(no_head, fts)
     assert list(out) == list(fts[0])
     _close(out["head.bias"], sum(ft["head.bias"].double() for ft in fts) / 3)
 
@@ -314,10 +314,10 @@ def test_bn_buffer_modes(models):
     kinds = key_kinds(pre)
     bn_keys, counters = keys_of(kinds, BN_STAT), keys_of(kinds, COUNTER)
     assert len(bn_keys) == 40 and len(counters) == 20
-    mean = merge(pre, fts, bn_buffers="mean")
-    from_pre = merge(pre, fts, bn_buffers="pretrained")
-    arith = merge(pre, fts, bn_buffers="arithmetic", lam=0.5)
-    arith_mean = merge(pre, fts, method="params_mean", bn_buffers="arithmetic")
+    mean, _ = merge(pre, fts, bn_buffers="mean")
+    from_pre, _ = merge(pre, fts, bn_buffers="pretrained")
+    arith, _ = merge(pre, fts, bn_buffers="arithmetic", lam=0.5)
+    arith_mean, _ = merge(pre, fts, method="params_mean", bn_buffers="arithmetic")
     for k in bn_keys:
         _close(mean[k], sum(ft[k].double() for ft in fts) / 3, k)
         assert torch.equal(from_pre[k], pre[k])
@@ -341,15 +341,14 @@ def test_negative_variance_is_detected_and_raises():
     pre, fts = _negative_case()
     with pytest.raises(DvlibError, match=r"bn\.running_var: min -0\.8"):
         merge(pre, fts, bn_buffers="arithmetic", lam=0.5)
-    out = merge(pre, fts, bn_buffers="mean")  # the sane default is fine
+    out, _ = merge(pre, fts, bn_buffers="mean")  # the sane default is fine
     assert torch.allclose(out["bn.running_var"], torch.full((2,), 0.1))
 
 
 def test_negative_variance_allowed_warns_and_records():
     pre, fts = _negative_case()
-    report: dict = {}
     with pytest.warns(RuntimeWarning, match=r"bn\.running_var"):
-        out = merge(pre, fts, bn_buffers="arithmetic", lam=0.5, allow_negative_var=True, report=report)
+        out, report = merge(pre, fts, bn_buffers="arithmetic", lam=0.5, allow_negative_var=True)
     assert torch.allclose(out["bn.running_var"], torch.full((2,), -0.8))
     assert negative_variance_keys(out) == {"bn.running_var": pytest.approx(-0.8)}
     assert report["negative_variance"] == {"bn.running_var": pytest.approx(-0.8)}
@@ -418,6 +417,35 @@ def test_bad_inputs_named():
         merge(pre, fts, method="ties", density=0.0)
 
 
+def test_one_entry_point_for_vectors_and_state_dicts(models):
+    import dvlib.merging
+
+    _, pre, fts = models
+    assert merge is dvlib.merging.merge
+    taus = DataVector.from_models(fts, pre)
+    for method in ("data_vector", "ties"):
+        from_dicts, rep_dicts = merge(pre, fts, method=method)
+        from_vectors, rep_vectors = merge(pre, taus, method=method)
+        assert list(from_dicts) == list(from_vectors) == list(pre)
+        assert all(torch.equal(from_dicts[k], from_vectors[k]) for k in pre) and rep_dicts == rep_vectors
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_vectors_of_another_layout_are_refused_by_their_arithmetic(models, method):
+    """Vectors merged in memory are checked by their own arithmetic (no other pass): every method,
+    TIES too, names the key instead of failing inside torch."""
+    _, pre, fts = models
+    taus = DataVector.from_models(fts, pre)
+    k = "backbone.fc.bias"
+    short = DataVector({**taus[1].tensors, k: taus[1].tensors[k][:10]}, taus[1].kinds)
+    weights = [1, 2, 3] if method == "weighted" else None
+    with pytest.raises(DvlibError, match=r"key 'backbone\.fc\.bias' has shape \(10,\)"):
+        merge(pre, [taus[0], short, taus[2]], method=method, weights=weights)
+    no_var = {n: v for n, v in pre.items() if n != "backbone.bn1.running_var"}
+    with pytest.raises(DvlibError, match=r"'backbone\.bn1\.running_var': a BatchNorm statistic with no pretrained"):
+        merge(no_var, taus, method=method, weights=weights, bn_buffers="arithmetic")
+
+
 # ------------------------------------------------------------------------------------ properties
 
 @st.composite
@@ -438,19 +466,19 @@ def test_property_identities(case, lam):
     pre, fts = case
     n = len(fts)
     params = [k for k in pre if not k.startswith("head.")]
-    mean = merge(pre, fts, method="params_mean")
-    dv_n = merge(pre, fts, method="data_vector", lam=1 / n)
-    dv = merge(pre, fts, method="data_vector", lam=lam)
-    dare0 = merge(pre, fts, method="dare", lam=lam, p=0.0, seed=1)
+    mean, _ = merge(pre, fts, method="params_mean")
+    dv_n, _ = merge(pre, fts, method="data_vector", lam=1 / n)
+    dv, _ = merge(pre, fts, method="data_vector", lam=lam)
+    dare0, _ = merge(pre, fts, method="dare", lam=lam, p=0.0, seed=1)
     for k in params:
         _close(dv_n[k], mean[k], k)
         assert torch.equal(dare0[k], dv[k])
     # one model: TIES with density 1 is pre + lam * tau, and so is data_vector
-    t1 = merge(pre, fts[:1], method="ties", lam=lam, density=1.0)
+    t1, _ = merge(pre, fts[:1], method="ties", lam=lam, density=1.0)
     for k in params:
         _close(t1[k], pre[k].double() + lam * (fts[0][k].double() - pre[k].double()), k)
     # merging identical copies: params_mean and weighted give the copy back
-    same = merge(pre, [fts[0]] * n, method="weighted", weights=list(range(1, n + 1)))
+    same, _ = merge(pre, [fts[0]] * n, method="weighted", weights=list(range(1, n + 1)))
     for k in pre:
         _close(same[k], fts[0][k], k)
     with warnings.catch_warnings():

@@ -170,7 +170,7 @@ def test_cli_help_and_bad_names(capsys):
 
 
 def test_compile_mode_names(monkeypatch):
-    from dvlib.train import compile_mode
+    from dvlib.device import compile_mode
 
     monkeypatch.delenv("DVLIB_COMPILE", raising=False)
     assert compile_mode() is None

@@ -1,10 +1,10 @@
-"""dvlib.reporting.noise: training noise on a fixed split, and two schemes compared on the same test images."""
+"""dvlib.studies.noise.report: training noise on a fixed split, and two schemes compared on the same test images."""
 import numpy as np
 import pandas as pd
 import pytest
 
 from dvlib.io import DvlibError
-from dvlib.reporting.noise import noise_table, scheme_gap, scores
+from dvlib.studies.noise.report import noise_table, scheme_gap, scores
 
 N_IMAGES, N_PATIENTS, TRAIN_SEEDS = 120, 40, (0, 1, 2, 3, 4)
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -171,6 +173,11 @@ def test_failing_notebook_names_itself_and_the_cell(tmp_path):
         run_chain("t-fail", "smoke", dataset="no_such_dataset_dir", seeds=[0], device="cpu",
                   runs_dir=str(tmp_path / "runs"), reports_dir=str(tmp_path / "reports"),
                   figures_dir=str(tmp_path / "figures"), log=lambda *_: None, html=False)
+    reports = tmp_path / "reports"  # papermill's execution is kept beside, never as the report's notebook
+    failed = nbformat.read(str(reports / "01_split_data.failed.ipynb"), as_version=4)
+    assert any(o.output_type == "error" for c in failed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert not (reports / "01_split_data.ipynb").exists() and not list(reports.glob(".*.running.ipynb"))
+    assert not (reports / "logs" / "01_split_data.done.json").exists()
 
 
 def test_relative_data_paths_mean_what_they_mean_where_the_chain_starts(tmp_path, pad_root, monkeypatch):
@@ -184,6 +191,7 @@ def test_relative_data_paths_mean_what_they_mean_where_the_chain_starts(tmp_path
                         runs_dir="runs", reports_dir="reports", figures_dir="figures", html=False,
                         extra={"n_hospitals": 2}, log=lambda *_: None)
     assert records[0]["status"] == "ran"
+    assert (pad_root.parent / "reports" / "logs" / "01_split_data.done.json").exists()
     shards = pd.read_csv(pad_root.parent / "runs" / "t-rel" / "results" / "shards.csv")
     assert shards["patients"].sum() == 36
     assert os.environ["DVLIB_DATA"] == pad_root.name
@@ -213,3 +221,128 @@ def test_a_later_step_keeps_the_reports_earlier_step_records_and_seeds(tmp_path)
     publish_results(open_run("r", "smoke", seeds=[0], train_seeds=[0], root=tmp_path / "runs"), dest)
     published = json.loads((dest / "run.json").read_text())
     assert published["split_seeds"] == [0, 1] and published["train_seeds"] == [0, 1]
+
+
+# --- a failed step: never in place of the good notebook, never counted as done -------------------------------
+
+def _chain_args(tmp_path, *more) -> list[str]:
+    return ["run", "--preset", "smoke", "--run", "t-nb", "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
+            str(tmp_path / "reports"), "--figures-dir", str(tmp_path / "figures"), "--steps", "01_split_data", *more]
+
+
+def _fake_execution(monkeypatch, fail_when):
+    """Notebook execution replaced: each attempt writes a notebook naming itself and the step's result
+    files, then raises papermill's error if ``fail_when(attempt)``; returns the paths it was given."""
+    import nbformat.v4 as v4
+    import papermill as pm
+
+    import dvlib.notebook_step as notebook_step
+
+    given = []
+
+    def execute(src, out_nb, parameters, cwd, logfile, log):
+        attempt = len(given)
+        given.append(Path(out_nb))
+        nbformat.write(v4.new_notebook(cells=[v4.new_code_cell(f"print('attempt {attempt}')")]), str(out_nb))
+        results = Path(parameters["runs_dir"]) / parameters["run"] / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        for o in dict(STEPS)[Path(src).stem]:
+            (results / f"{o}.csv").write_text(f"attempt\n{attempt}\n")
+        if fail_when(attempt):
+            raise pm.PapermillExecutionError(3, 2, "x", "ValueError", f"attempt {attempt} broke", [])
+
+    monkeypatch.setattr(notebook_step, "_run_notebook", execute)
+    return given
+
+
+def test_a_failed_rerun_keeps_the_good_notebook_and_the_step_runs_again(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from dvlib.cli import main
+
+    given = _fake_execution(monkeypatch, lambda attempt: attempt == 1)
+    reports, args = tmp_path / "reports", _chain_args(tmp_path)
+    nb, html, failed = (reports / f"01_split_data.{ext}" for ext in ("ipynb", "html", "failed.ipynb"))
+    record = reports / "logs" / "01_split_data.done.json"
+    assert main(args) == 0
+    good, good_html = nb.read_bytes(), html.read_bytes()
+    assert json.loads(record.read_text())["notebook_sha256"] == hashlib.sha256(good).hexdigest()
+    assert main(args) == 0 and len(given) == 1  # done: skipped
+    assert main(args + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "notebook 01_split_data failed in cell 3 (execution count 2): ValueError: attempt 1 broke" in err
+    assert str(failed) in err
+    assert given[1] != nb and given[1].parent == reports  # papermill never writes the report's notebook itself
+    assert nb.read_bytes() == good and html.read_bytes() == good_html
+    assert "attempt 1" in failed.read_text() and not record.exists()
+    assert json.loads((reports / "steps.json").read_text())[0]["status"] == "failed"
+    assert main(args) == 0 and len(given) == 3  # not done: runs again without --overwrite
+    assert "attempt 2" in nb.read_text() and not failed.exists() and record.exists()
+    assert json.loads((reports / "steps.json").read_text())[0]["status"] == "ran"
+    assert not list(reports.glob(".*.running.ipynb"))
+
+
+@pytest.mark.parametrize("late", ["fails", "succeeds"])
+def test_two_runs_on_one_name_leave_the_successful_notebook(tmp_path, monkeypatch, late):
+    """A second ``dvlib run`` on the same run executes the step while the first one still runs; whichever
+    of the two fails, the report keeps the successful execution, counted as done."""
+    from dvlib.cli import main
+
+    args = _chain_args(tmp_path, "--no-html")
+    codes, failing = [], 0 if late == "fails" else 1
+
+    def fails(attempt):
+        if attempt == 0:  # while the first run executes the step, a second run executes it to its end
+            codes.append(main(args))
+        return attempt == failing
+
+    given = _fake_execution(monkeypatch, fails)
+    assert main(args) == (2 if failing == 0 else 0)
+    assert codes == [0 if failing == 0 else 2] and len(given) == 2
+    reports = tmp_path / "reports"
+    assert f"attempt {1 - failing}" in (reports / "01_split_data.ipynb").read_text()
+    assert (reports / "logs" / "01_split_data.done.json").exists()
+    assert main(args) == 0 and len(given) == 2  # done: the third run skips it
+
+
+@pytest.mark.parametrize("flags, shown", [
+    (["--epsilons", "1", "inf"], "argument --epsilons: must be a finite number in (0.0, inf), got 'inf'"),
+    (["--epsilons", "nan"], "argument --epsilons: must be a finite number in (0.0, inf), got 'nan'"),
+    (["--epsilons", "0"], "argument --epsilons: must be a finite number in (0.0, inf), got '0'"),
+    (["--epsilons", "-1"], "argument --epsilons: must be a finite number in (0.0, inf), got '-1'"),
+    (["--delta", "1"], "argument --delta: must be a finite number in (0.0, 1.0), got '1'"),
+    (["--delta", "0"], "argument --delta: must be a finite number in (0.0, 1.0), got '0'"),
+    (["--delta", "nan"], "argument --delta: must be a finite number in (0.0, 1.0), got 'nan'"),
+    (["--n-boot", "0"], "argument --n-boot: must be an integer >= 10, got '0'"),
+    (["--n-boot", "9"], "argument --n-boot: must be an integer >= 10, got '9'"),
+])
+def test_a_bad_privacy_budget_is_refused_as_the_flags_are_parsed(tmp_path, monkeypatch, capsys, flags, shown):
+    import dvlib.pipeline as pipeline
+    from dvlib.cli import main
+
+    monkeypatch.setattr(pipeline, "run_chain", lambda *a, **kw: pytest.fail("the chain started"))
+    assert main(_chain_args(tmp_path, "--with", "privacy", *flags)) == 2
+    assert shown in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_delta_is_checked_against_the_smallest_hospital_before_any_notebook_runs(tmp_path, monkeypatch, capsys):
+    import dvlib.pipeline as pipeline
+    from dvlib.cli import main
+    from dvlib.privacy_budget import training_images
+    from dvlib.runs import open_run
+
+    executed = []
+    monkeypatch.setattr(pipeline, "_execute", lambda the_run, params, declared, nbp, *a: executed.append(nbp) or [])
+    n = min(training_images(open_run("probe", "smoke", root=tmp_path / "probe")).values())
+    limit = 2 / n
+    assert main(_chain_args(tmp_path, "--with", "privacy", "--delta", repr(limit))) == 2
+    err = capsys.readouterr().err
+    assert f"--delta {limit!r} is at least 2/n" in err and f"(n = {n} training images)" in err
+    assert not executed and sorted(p.name for p in tmp_path.iterdir()) == ["probe", "runs"]
+    assert not list((tmp_path / "runs").iterdir())  # the run this call created is gone again
+    just_below = float(np.nextafter(limit, 0))
+    assert main(_chain_args(tmp_path, "--with", "privacy", "--delta", repr(just_below))) == 0
+    assert executed == [{"delta": just_below}]
+    # without 08 among the steps, delta concerns no notebook that runs: not checked against n
+    assert main(_chain_args(tmp_path, "--delta", "0.9")) == 0 and executed[-1] == {"delta": 0.9}

@@ -1,8 +1,10 @@
-"""dvlib.privacy: ROC numbers against scikit-learn and hand-built cases, attacks on a model that
-memorised its training set and on one that saw nothing, and bootstrap interval coverage."""
+"""dvlib.studies.privacy.attack: ROC numbers against scikit-learn and hand-built cases, attacks on a model that
+memorised its training set and on one that saw nothing, bootstrap interval coverage; and the privacy
+budget's limits (dvlib.privacy_budget)."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from dvlib.io import DvlibError
-from dvlib.privacy import (audit, audit_rows, loss_attack, per_example_loss, reference_attack, roc_auc, roc_curve,
+from dvlib.studies.privacy.attack import (audit, audit_rows, loss_attack, per_example_loss, reference_attack, roc_auc, roc_curve,
                            tpr_at_fpr)
 
 
@@ -156,3 +158,42 @@ def test_audit_rows_are_tidy():
 def test_bad_input_names_the_value(call, match):
     with pytest.raises(DvlibError, match=match):
         call()
+
+
+# --- the privacy budget notebook 08 may be given (dvlib.privacy_budget) ---------------------------------------
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 0, 0.0, -1.0, True, "1"])
+def test_epsilon_must_be_finite_and_positive(value):
+    from dvlib.privacy_budget import check_epsilon
+
+    with pytest.raises(DvlibError, match=rf"^--epsilons must be a finite number > 0, got {re.escape(repr(value))}$"):
+        check_epsilon(value, "--epsilons")
+
+
+def test_delta_is_refused_at_the_factor_over_n_and_at_one():
+    from dvlib.privacy_budget import DELTA_FACTOR, check_delta, check_epsilon, resolve_delta, weak_delta
+
+    assert check_epsilon(0.5) == 0.5 and DELTA_FACTOR == 2.0
+    n = 40
+    for bad in (1.0, 0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(DvlibError, match=r"delta must be a finite number in \(0, 1\), got"):
+            check_delta(bad)
+    with pytest.raises(DvlibError, match=r"delta 0\.05 is at least 2/n = 0\.05 for hospital 3 \(n = 40 training"):
+        check_delta(2 / n, n, where=" for hospital 3")
+    assert check_delta(np.nextafter(2 / n, 0), n) < 2 / n and check_delta(0.9) == 0.9  # no n: (0, 1) only
+    assert resolve_delta(None, n) == 1 / n and resolve_delta(1e-5, n) == 1e-5
+    with pytest.raises(DvlibError, match="at least 2/n"):
+        resolve_delta(0.5, n)
+    # the default 1/n is weak, whatever floating point makes of 1/n * n (1/49 * 49 < 1)
+    assert all(weak_delta(1 / k, k) for k in range(1, 500)) and not weak_delta(1e-5, 49)
+
+
+def test_n_boot_has_a_minimum_that_the_audit_shares():
+    from dvlib.privacy_budget import MIN_BOOT, check_n_boot
+
+    for bad in (MIN_BOOT - 1, 0, -5, 10.0, True):
+        with pytest.raises(DvlibError, match=rf"n_boot must be an integer >= {MIN_BOOT}, got {re.escape(repr(bad))}"):
+            check_n_boot(bad)
+    with pytest.raises(DvlibError, match=f"n_boot must be an integer >= {MIN_BOOT}"):
+        audit([1, 2, 3, 4], [1, 0, 1, 0], n_boot=MIN_BOOT - 1)
+    assert audit([1, 2, 3, 4], [1, 0, 1, 0], n_boot=MIN_BOOT).n_boot == MIN_BOOT == check_n_boot(np.int64(MIN_BOOT))

@@ -4,6 +4,8 @@ that record what the accountant computes, frozen BatchNorm statistics, and the r
 result files alone."""
 from __future__ import annotations
 
+import math
+
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -14,13 +16,13 @@ pytest.importorskip("opacus")
 matplotlib.use("Agg")
 
 from dvlib import experiment as ex  # noqa: E402
-from dvlib.experiment import dp_steps as xp  # noqa: E402
-from dvlib.experiment import privacy as xa  # noqa: E402
+from dvlib.studies.privacy import dp_steps as xp  # noqa: E402
+from dvlib.studies.privacy import audit as xa  # noqa: E402
 from dvlib.files import load_model, load_vector  # noqa: E402
 from dvlib.io import DvlibError  # noqa: E402
-from dvlib.reporting import privacy as rp  # noqa: E402
-from dvlib.reporting.privacy_figures import plot_privacy_utility, plot_roc  # noqa: E402
-from dvlib.reporting.privacy_summary import privacy_summary  # noqa: E402
+from dvlib.studies.privacy import report as rp  # noqa: E402
+from dvlib.studies.privacy.figures import plot_privacy_utility, plot_roc  # noqa: E402
+from dvlib.studies.privacy.summary import privacy_summary  # noqa: E402
 from dvlib.vectors import BN_STAT, COUNTER  # noqa: E402
 
 TINY = dict(image_size=32, epochs=1, batch_size=8, n_hospitals=2, n_patients=48, eval_batch_size=64)
@@ -86,7 +88,7 @@ def test_pretrained_model_is_the_sanity_check(run):
     net = r.model_from(load_model(run.model_path(0, 0, "merged_data_vector")).state)
     frame, reference = xa.per_image_losses(r, net), xa.per_image_losses(r, r.pretrained_model())
     assert (frame["loss"] == -np.log(np.clip(frame["p_true"], 1e-12, 1))).all()
-    from dvlib import privacy
+    from dvlib.studies.privacy import attack as privacy
 
     score = reference["loss"].to_numpy() - frame["loss"].to_numpy()
     a = privacy.audit(score, frame["member"], groups=frame["patient"], n_boot=200, seed=xa.audit_seed(r, "pooled"))
@@ -139,11 +141,52 @@ def test_dp_files_are_reused_and_a_change_is_refused(run, monkeypatch):
         raise AssertionError("retrained a DP model that exists")
 
     monkeypatch.setattr(xp, "finetune_dp_one", boom)
-    before = run.read("dp_eval")
-    xp.step_dp(run, epsilons=(EPS,), restores=("none", "recalibrate", "finetune_epoch"), n_boot=100, log=lambda *_: None)
+    before, notes = run.read("dp_eval"), []
+    xp.step_dp(run, epsilons=(EPS,), restores=("none", "recalibrate", "finetune_epoch"), n_boot=100, log=notes.append)
     pd.testing.assert_frame_equal(run.read("dp_eval"), before)
+    assert "DP delta 1/n (the default) is at least 1/n at 2 hospital(s): weak" in notes[0]
     with pytest.raises(DvlibError, match="overwrite=True"):
         xp.step_dp(run, epsilons=(EPS,), max_grad_norm=2.0, restores=("none",), n_boot=20, log=lambda *_: None)
+
+
+def test_a_bad_budget_is_refused_before_any_hospital_trains(run, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a hospital trained before the whole budget was checked")
+
+    monkeypatch.setattr(xp, "finetune_dp_one", boom)
+    before = run.result("dp_eval").read_bytes()
+    for kw, match in [(dict(epsilons=(EPS, math.inf)), r"epsilons must be a finite number > 0, got inf"),
+                      (dict(epsilons=(EPS, math.nan)), r"epsilons must be a finite number > 0, got nan"),
+                      (dict(epsilons=(EPS,), n_boot=5), r"n_boot must be an integer >= 10, got 5"),
+                      (dict(epsilons=(EPS,), delta=0.5),
+                       r"delta 0\.5 is at least 2/n = \S+ for hospital \d of split seed 0 \(n = \d+ training")]:
+        with pytest.raises(DvlibError, match=match):  # overwrite: EPS alone would train, and fail the test
+            xp.step_dp(run, overwrite=True, log=lambda *_: None, **kw)
+    with pytest.raises(DvlibError, match="n_boot must be an integer >= 10, got 0"):
+        xa.step_privacy_audit(run, n_boot=0)
+    assert run.result("dp_eval").read_bytes() == before
+
+
+def test_a_given_delta_reaches_the_vector_file_and_its_folder(run):
+    r = ex.replicate(run, 0, 0)
+    n = len(r.local(1).images("train"))
+    _, meta, history = xp.finetune_dp_one(r, 1, EPS, delta=0.5 / n)
+    assert meta["dp"]["delta"] == 0.5 / n and all(h["delta"] == 0.5 / n for h in history)
+    assert meta["dp"]["epsilon"] <= EPS
+    assert xp.dp_dir(run, 0, 0, EPS, "head", 1e-5).name == "dp_eps4_delta1e-05_head"
+    assert xp.dp_dir(run, 0, 0, EPS, "head").name == "dp_eps4_head"  # the default keeps the committed names
+
+
+def test_training_images_before_the_split_is_written_are_the_split_s(run, tmp_path):
+    from dvlib.privacy_budget import training_images
+
+    fresh = ex.open_run("priv", "smoke", seeds=[0], root=tmp_path, device="cpu", **TINY)
+    counts = training_images(fresh)  # computed in memory, as notebook 01 will split
+    assert not fresh.manifest_path(0).exists()
+    manifest = pd.read_csv(run.manifest_path(0))
+    assert counts == {(0, h): int(((manifest["hospital"] == h) & (manifest["subset"] == "train")).sum())
+                      for h in (1, 2)}
+    assert training_images(run) == counts
 
 
 def test_report_from_the_result_files(run, tmp_path):

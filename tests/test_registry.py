@@ -1,6 +1,7 @@
 """Each merge method and restore mode is registered once; the CLI, the notebooks and the docs derive from it."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 from dvlib import methods, restore
 from dvlib.cli import build_parser
 from dvlib.io import DvlibError
+from dvlib.models import HEADS
+from dvlib.split import SCHEMES, TEST_DESIGNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +28,10 @@ def test_cli_choices_are_the_registries():
     assert list(_choices("merge", "--bn-buffers")) == list(methods.BN_MODES)
     assert list(_choices("site", "restore", "--mode")) == list(restore.VISITS)
     assert set(restore.VISITS) == {v for m in restore.MODES.values() for v in m.visits}
+    for command in (("split",), ("site", "finetune")):
+        assert list(_choices(*command, "--head")) == list(HEADS)
+    assert list(_choices("split", "--scheme")) == list(SCHEMES)
+    assert list(_choices("split", "--test-design")) == list(TEST_DESIGNS)
 
 
 def test_every_method_documents_itself():
@@ -35,6 +42,33 @@ def test_every_method_documents_itself():
     assert methods.run_lam("params_mean", 0.3) is None
     with pytest.raises(DvlibError, match="unknown merge method 'avg'; valid: data_vector"):
         methods.get("avg")
+
+
+def _strings_outside_docstrings(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]
+
+
+def test_report_labels_are_spelled_only_in_the_registries():
+    """Renaming a method, baseline or restore mode is one line: the tables, claims, figures and the
+    paper's columns take every label from dvlib.methods / dvlib.restore (the paper's OCR notes
+    quote its cells, so data/paper.py is checked by its table below)."""
+    labels = ({m.label for m in methods.METHODS.values()} | set(methods.BASELINES.values())
+              | {m.label for m in restore.MODES.values() if m.label != m.name})
+    for path in sorted((ROOT / "dvlib" / "reporting").glob("*.py")):
+        for text in _strings_outside_docstrings(path):
+            assert not [x for x in labels if x in text], (path.name, text)
+    from dvlib.data.paper import COLUMNS, paper_table
+    from dvlib.reporting.tables import METHOD_LABELS, PAPER_COLUMNS
+
+    assert list(paper_table("pad_ufes_20").columns) == list(PAPER_COLUMNS.values()) == [methods.label(m) for m in COLUMNS]
+    assert list(METHOD_LABELS) == [*methods.METHODS, *methods.BASELINES]
+    with pytest.raises(DvlibError, match="no label for 'avg'; valid: data_vector"):
+        methods.label("avg")
 
 
 def test_docs_page_is_made_from_the_registries():

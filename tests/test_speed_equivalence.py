@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dvlib import experiment as ex
-from dvlib import models, stages, train
+from dvlib import device, models, stages
 from dvlib.files import load_model, read
 
 # three hospitals: with two, params_mean is the data-vector merge at lambda 0.5 (= 1/2) to the bit
@@ -64,8 +64,8 @@ def _models(run):
 def fixed_channels_last(monkeypatch):
     """Both runs feed channels_last batches and evaluate through folded BatchNorms, whatever
     DVLIB_PLAIN says: only the removal of repeated work differs between them."""
-    monkeypatch.setattr(train, "use_channels_last", lambda device: True)
-    monkeypatch.setattr(train, "use_folded_bn", lambda device: True)
+    monkeypatch.setattr(device, "use_channels_last", lambda dev: True)
+    monkeypatch.setattr(device, "use_folded_bn", lambda dev: True)
 
 
 def test_removing_repeated_work_changes_nothing(tmp_path, pad_root, monkeypatch, fixed_channels_last):
@@ -103,9 +103,40 @@ def test_shared_restore_rounds_equal_separate_ones(tmp_path, pad_root, monkeypat
                                   recal.drop(columns="restore").reset_index(drop=True))
 
 
+def test_restore_rounds_are_shared_whatever_the_order_of_modes(tmp_path, pad_root, monkeypatch, fixed_channels_last):
+    """The recalibration round of recalibrate and recalibrate+finetune_epoch runs once, whichever is
+    listed first, and each mode's model is bit for bit the one its own visits from the start give
+    (the plain path, which runs that round for each)."""
+    from dvlib.experiment.restoring import restore_source, restored_models
+
+    monkeypatch.setenv("DVLIB_DATA", str(pad_root))
+    ex.reset_caches()
+    run = ex.open_run("order", "smoke", seeds=[0], root=tmp_path, device="cpu", **SMALL)
+    ex.step_split(run)
+    r = ex.replicate(run, 0, 0)
+    start = restore_source(r, "pretrained")
+
+    def restored(modes, plain: bool):
+        monkeypatch.setenv("DVLIB_PLAIN", "1" if plain else "0")
+        before = device.work()["recalibration_images"]
+        out = {mode: ({k: v.clone() for k, v in model.state_dict().items()}, [v["mode"] for v in m["restore_visits"]])
+               for mode, model, m in restored_models(r, *start, modes, "pretrained")}
+        return out, device.work()["recalibration_images"] - before
+
+    both = ("recalibrate", "recalibrate+finetune_epoch")
+    ref, images_plain = restored(both, plain=True)
+    assert ref["recalibrate+finetune_epoch"][1] == ["recalibrate"] * 3 + ["finetune_epoch"] * 3
+    for modes in (both, both[::-1]):
+        got, images = restored(modes, plain=False)
+        assert 2 * images == images_plain > 0, modes
+        for mode in both:
+            assert got[mode][1] == ref[mode][1]
+            assert all(torch.equal(got[mode][0][k], ref[mode][0][k]) for k in ref[mode][0]), (modes, mode)
+
+
 def test_decoded_images_read_back_bit_for_bit(tmp_path, pad_root, monkeypatch):
     from dvlib.data import load_dataset
-    from dvlib.experiment.session import decoded_images
+    from dvlib.experiment.cache import decoded_images
     from dvlib.loader import ImageCache
 
     monkeypatch.setenv("DVLIB_DATA", str(pad_root))
@@ -146,7 +177,7 @@ def test_channels_last_within_float_rounding(pad_root, monkeypatch):
     out = {}
     for plain in ("1", "0"):
         monkeypatch.setenv("DVLIB_PLAIN", plain)
-        assert train.use_channels_last("cpu") is (plain == "0")
+        assert device.use_channels_last("cpu") is (plain == "0")
         net = models.build("efficientnet_lite0", 6, weights="random", seed=0)
         probs = stages.predict_shards(net, [shard], size=64, batch_size=16, device="cpu")[0]
         net.train()

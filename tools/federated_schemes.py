@@ -4,7 +4,7 @@ Reads ``results/federated_eval.csv`` of two committed runs (IID and Dirichlet ho
 ``shared`` test design their test patients are the same) and writes, into ``--out``,
 ``federated_<metric>_<scope>.{csv,md}`` for accuracy and balanced accuracy on all test images pooled
 and averaged over the hospitals, and ``README.md``: the tables, each run's "where each wins"
-paragraph (``dvlib.reporting.federated.federated_summary``) and how they were made.
+paragraph (``dvlib.studies.federated.report.federated_summary``) and how they were made.
 
     python tools/federated_schemes.py seeds-pad_ufes_20-iid seeds-pad_ufes_20-dirichlet0.5 \\
         --out reports/federated-pad_ufes_20
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dvlib.io import DvlibError, read_csv, write_text  # noqa: E402
-from dvlib.reporting.federated import SCOPES, federated_summary, scheme_table  # noqa: E402
+from dvlib.studies.federated.report import SCOPES, federated_summary, scheme_table  # noqa: E402
 from dvlib.reporting.tables import committed_results, write_tables  # noqa: E402
 
 METRICS = ("accuracy", "balanced_accuracy")

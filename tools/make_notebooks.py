@@ -182,7 +182,7 @@ NOTEBOOKS = {
            "gradients."),
         code("from dvlib.bn import bn_modules\nfrom dvlib.loader import batches\n\n"
              "s, t = R.replicates[0]\nrep = ex.replicate(R, s, t)\n"
-             "model = rep.model_from(ex.load_model(R.model_path(s, t, \"merged_data_vector\")).state, fresh=True)\n"
+             "model = rep.model_from(ex.load_model(R.model_path(s, t, \"merged_data_vector\")).state)\n"
              "for bn in bn_modules(model):\n"
              "    bn.reset_running_stats()\n"
              "    bn.momentum = None                               # cumulative average over all batches\n"

@@ -56,15 +56,15 @@ def build(md, code, header) -> list:
         md("## What runs where\nOne Flower simulation per replicate holds every exchange: the data vector first, "
            "then FedAvg and FedBN at each R. A hospital reuses a result only where it is the computation's own "
            "(its step-02 vector file for the data vector and for R = 1; FedBN's first round, which is FedAvg's): "
-           "see `dvlib.federated.hospital`. Seeds: round k at hospital L trains with `derive(seed, L)` for k = 1 "
+           "see `dvlib.studies.federated.hospital`. Seeds: round k at hospital L trains with `derive(seed, L)` for k = 1 "
            "(step 02's) and `derive(seed, L, \"round\", k)` after."),
-        code("from dvlib import federated as fl\n"
-             "from dvlib.reporting import federated as fedrep\n\n"
+        code("from dvlib.studies import federated as fl\n"
+             "from dvlib.studies.federated import report as fedrep\n\n"
              "fed = fl.step_federated(R, methods=fl_methods, rounds=fl_rounds or None)"),
         md("The data vector through Flower against the run's own files (`dvlib merge`, `dvlib site restore`), "
            "and FedAvg with one round against the run's sample-weighted merge (equal within 1e-6; the largest "
            "difference and whether it is bit for bit below):"),
-        code("# NBVAL_CHECK_OUTPUT\nfrom dvlib.federated.steps import checks_text\n\nprint(checks_text(R))"),
+        code("# NBVAL_CHECK_OUTPUT\nfrom dvlib.studies.federated.steps import checks_text\n\nprint(checks_text(R))"),
         code("display(R.read(\"federated_checks\"))"),
         md("## Accuracy against synchronous rounds\nTop: all test images pooled; bottom: the mean over "
            "hospitals of each one's own test split. The data vector sits at one round (no restore) or two (a "

@@ -36,7 +36,8 @@ CELLS = header(
     "`results/dp_history.csv`, `results/privacy_table_*.{csv,md}`, `results/dp_table.{csv,md}`, "
     "`figures/<run>/privacy_roc.{png,pdf}`, `figures/<run>/privacy_utility.{png,pdf}`; the DP models under "
     "`models/dp_eps<epsilon>_<trainable>/`.",
-    extra_params='epsilons: list = [1.0, 4.0, 8.0]  # DP-SGD privacy budgets; delta is 1/n, n the hospital\'s training images\n'
+    extra_params='epsilons: list = [1.0, 4.0, 8.0]  # DP-SGD privacy budgets, each finite and > 0\n'
+                 'delta: float = None  # DP-SGD delta at every hospital; None means 1/n (n: its training images); must be < 2/n\n'
                  'dp_trainable: str = "last_stages"  # what DP-SGD trains: all_but_bn | last_stages | head (BatchNorm always frozen)\n'
                  'dp_train_seeds: list = []  # training seeds DP runs for (every split seed); empty means the first one only\n'
                  'n_boot: int = 1000  # bootstrap resamples (whole patients) per interval',
@@ -49,13 +50,13 @@ CELLS = header(
        "No shadow models: these are weak attacks, and a stronger one (LiRA) can only find more. For the first "
        "replicate's data-vector merge, on all training images against all test images:"),
     code("import numpy as np\n\n"
-         "from dvlib import privacy\n"
-         "from dvlib.experiment.dp_steps import dp_file_summary, step_dp\n"
-         "from dvlib.experiment.privacy import audit_seed, per_image_losses, step_privacy_audit\n"
-         "from dvlib.reporting.privacy import (dp_caption, dp_table, per_hospital_table, privacy_caption, privacy_detail_table,\n"
+         "from dvlib.studies.privacy import attack as privacy\n"
+         "from dvlib.studies.privacy.dp_steps import dp_file_summary, step_dp\n"
+         "from dvlib.studies.privacy.audit import audit_seed, per_image_losses, step_privacy_audit\n"
+         "from dvlib.studies.privacy.report import (dp_caption, dp_table, per_hospital_table, privacy_caption, privacy_detail_table,\n"
          "                                     privacy_table)\n"
-         "from dvlib.reporting.privacy_figures import plot_privacy_utility, plot_roc\n"
-         "from dvlib.reporting.privacy_summary import privacy_summary\n\n"
+         "from dvlib.studies.privacy.figures import plot_privacy_utility, plot_roc\n"
+         "from dvlib.studies.privacy.summary import privacy_summary\n\n"
          "s, t = R.replicates[0]\n"
          "rep = ex.replicate(R, s, t)\n"
          "images = per_image_losses(rep, rep.model_from(ex.load_model(R.model_path(s, t, \"merged_data_vector\")).state))\n"
@@ -94,7 +95,7 @@ CELLS = header(
        "members, same non-members, same bootstrap draws (reference attack)."),
     code("display(per_hospital_table(R.dir, \"reference\"))"),
     code("plot_roc(R.dir, out=FIG / \"privacy_roc\");"),
-    md("## Differentially private fine-tuning\nEach hospital fine-tunes with **DP-SGD** instead (`dvlib.dp.fit_dp`, "
+    md("## Differentially private fine-tuning\nEach hospital fine-tunes with **DP-SGD** instead (`dvlib.studies.privacy.dp.fit_dp`, "
        "Opacus' accountant): every step samples each image with probability q = batch/n, clips each image's "
        "gradient to norm 1, adds Gaussian noise and hands the result to Adam; the noise is the smallest that keeps "
        "(epsilon, delta = 1/n). BatchNorm mixes the images of a batch, so it has no per-image gradient: the "
@@ -110,7 +111,8 @@ CELLS = header(
        "replicates; `last_stages` (the last two blocks, the pretrained classifier and the head) runs at about the "
        "non-private speed, since the backward pass stops at block 5, and is the default here. See the README for "
        "the measured times."),
-    code("dp = step_dp(R, epsilons, trainable=dp_trainable, n_boot=n_boot, train_seeds=dp_train_seeds or R.train_seeds[:1])\n"
+    code("dp = step_dp(R, epsilons, trainable=dp_trainable, delta=delta, n_boot=n_boot,\n"
+         "             train_seeds=dp_train_seeds or R.train_seeds[:1])\n"
          "files = dp_file_summary(R)\n"
          "print(files.drop(columns=[\"folder\"]).to_string(index=False, float_format=\"%.4g\"))"),
     code("# NBVAL_CHECK_OUTPUT\n"

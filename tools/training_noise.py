@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from dvlib.io import DvlibError, write_text  # noqa: E402
 from dvlib.reporting.claims import variance_table  # noqa: E402
-from dvlib.reporting.noise import against, noise_table, scheme_gap, scores  # noqa: E402
+from dvlib.studies.noise.report import against, noise_table, scheme_gap, scores  # noqa: E402
 from dvlib.reporting.tables import committed_results, write_tables  # noqa: E402
 
 

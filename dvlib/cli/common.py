@@ -10,7 +10,9 @@ import contextlib
 import math
 
 from dvlib.checks import MAX_IMAGE_SIZE, MAX_SEED
+from dvlib.models import HEADS
 from dvlib.presets import PRESETS
+from dvlib.split import SCHEMES, TEST_DESIGNS
 
 
 def int_in(low: int, high: int | None = None):
@@ -60,12 +62,12 @@ def add_override_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("preset overrides (fixed in the run's settings)")
     o.add_argument("--arch", help="efficientnet_lite0, resnet50 or smallcnn")
     o.add_argument("--weights", help="imagenet, random or a path to backbone weights")
-    o.add_argument("--head", choices=["append", "replace"], help="new head appended after, or replacing, the 1000-way layer")
+    o.add_argument("--head", choices=HEADS, help="new head appended after, or replacing, the 1000-way layer")
     o.add_argument("--n-hospitals", type=POSITIVE, help="number of simulated hospitals")
-    o.add_argument("--scheme", choices=["iid", "dirichlet"], help="hospital split scheme")
+    o.add_argument("--scheme", choices=SCHEMES, help="hospital split scheme")
     o.add_argument("--alpha", type=float_in(0.0, low_open=True), help="Dirichlet concentration (scheme dirichlet)")
     o.add_argument("--test-frac", type=FRACTION, help="fraction of each hospital's patients held out for testing")
-    o.add_argument("--test-design", choices=["per_hospital", "shared"],
+    o.add_argument("--test-design", choices=TEST_DESIGNS,
                    help="per_hospital (the paper's) or shared: the same test patients for every split scheme")
     o.add_argument("--image-size", type=IMAGE_SIZE, help="training/evaluation crop size in pixels")
     o.add_argument("--epochs", type=POSITIVE, help="fine-tuning epochs")
@@ -94,15 +96,6 @@ def run_name(args) -> str:
 
     dataset = getattr(args, "dataset", None) or get_preset(args.preset).dataset
     return args.run or f"{args.preset}-{str(dataset).replace('/', '_')}"
-
-
-def open_from_args(args):
-    """The run named by the flags (created if new): :func:`dvlib.runs.open_run`."""
-    from dvlib.runs import open_run
-
-    over = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
-    return open_run(run_name(args), args.preset, seeds=args.seeds, train_seeds=args.train_seeds,
-                    root=args.runs_dir, device=args.device, overwrite=args.overwrite, **over)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add ``data download|verify|info`` to an argparse subparsers object."""
     p = subparsers.add_parser(
         "data", help="download, verify and describe the paper's datasets",
-        description="Download, verify and describe the paper's three datasets: "
+        description="Download, verify and describe the paper's datasets and the ODIR fundus subset: "
                     + ", ".join(_NAMES) + ".")
     sub = p.add_subparsers(dest="data_command", metavar="{download,verify,info}")
     sub.required = True

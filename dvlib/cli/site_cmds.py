@@ -1,7 +1,7 @@
 """``dvlib site finetune|restore`` (at a hospital), ``dvlib merge`` (the coordinator), ``dvlib inspect``.
 
 Thin wrappers over :mod:`dvlib.site` and :mod:`dvlib.coordinator`; see ``docs/multi-site.md``. The
-choices come from the registries (:mod:`dvlib.methods`, :mod:`dvlib.restore`), which import no torch.
+choices come from the registries (:mod:`dvlib.methods`, :mod:`dvlib.restore`, ``models.HEADS``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 from dvlib import methods, restore
 from dvlib.cli.common import BATCH, FRACTION, IMAGE_SIZE, LAM, LR, POSITIVE, SEED, int_in
 from dvlib.io import DvlibError, all_or_nothing
+from dvlib.models import HEADS
 from dvlib.presets import PRESETS
 
 _DATA_HELP = ("local images: a folder with one sub-folder per class (optional patients.csv mapping file "
@@ -50,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="settings preset (default: quick)")
     p.add_argument("--arch", help="efficientnet_lite0, resnet50 or smallcnn (default: the preset's)")
     p.add_argument("--weights", help="pretrained weights: imagenet, random or a path; every site the same")
-    p.add_argument("--head", choices=["append", "replace"], help="head mode (default: the preset's)")
+    p.add_argument("--head", choices=HEADS, help="head mode (default: the preset's)")
     p.add_argument("--image-size", type=IMAGE_SIZE, help="crop size in pixels")
     p.add_argument("--epochs", type=POSITIVE, help="fine-tuning epochs")
     p.add_argument("--batch-size", type=BATCH, help="batch size")

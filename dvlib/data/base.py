@@ -1,7 +1,9 @@
 """The dataset registry: every dataset is a table of images with a label and a patient.
 
 A :class:`DatasetIndex` lists what exists on disk (one row per image: ``image``, ``patient``,
-``label``, ``path``) plus the ordered class list. Images are decoded on demand by ``load_image``.
+``label``, ``path``) plus the ordered class list. Images are decoded on demand by ``load_image``
+(:func:`dvlib.data.decode.read_rgb`). Files and folders a file manager, NAS or archiver made
+(:func:`is_hidden`) are not images of a class: loaders skip them by listing :func:`visible_files`.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
+from dvlib.data.decode import read_rgb
 from dvlib.io import DvlibError
 
 COLUMNS = ("image", "patient", "label", "path")
@@ -71,14 +73,35 @@ class DatasetIndex:
                 "classes": list(self.classes), **{k: v for k, v in self.info.items() if not isinstance(v, list)}}
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DvlibError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DvlibError(f"corrupt or unreadable image file: {path} ({e})") from e
+HIDDEN_NAMES = ("__macosx", "thumbs.db")  # compared case-folded: Windows writes Thumbs.db or thumbs.db
+
+
+def is_hidden(name: str) -> bool:
+    """A file or folder name that a file manager, a NAS or an archiver made, not a user's image:
+    starting with "." (.thumbnails, .DS_Store, ._x.png) or "@" (Synology's @eaDir), __MACOSX, Thumbs.db."""
+    return name.startswith((".", "@")) or name.casefold() in HIDDEN_NAMES
+
+
+def count_files(path: Path) -> int:
+    """Files under the folder ``path`` (1 if it is not a folder)."""
+    return sum(len(f) for _, _, f in os.walk(path)) if path.is_dir() else 1
+
+
+def visible_files(folder: Path) -> tuple[list[Path], int]:
+    """The files under ``folder`` with no hidden part in their path below it, sorted, and how many
+    files were skipped as hidden (those in hidden folders included). Like ``Path.rglob``, it does
+    not enter symbolic links to folders below ``folder``."""
+    shown, hidden = [], 0
+    for top, dirs, files in os.walk(folder):
+        for d in [d for d in dirs if is_hidden(d)]:
+            hidden += count_files(Path(top) / d)
+            dirs.remove(d)
+        for f in files:
+            if is_hidden(f):
+                hidden += 1
+            else:
+                shown.append(Path(top) / f)
+    return sorted(shown), hidden
 
 
 # --- registry -------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import pandas as pd
 
 from dvlib.data.base import DatasetIndex, register
 from dvlib.data.pad_ufes import find_images
-from dvlib.data.sources import Source, visible_files
+from dvlib.data.sources import Source, archive_files
 from dvlib.io import DvlibError
 
 CLASSES = ["HGC", "LGC", "NST", "NTL"]
@@ -179,9 +179,9 @@ def load_bladder(folder: Path, imaging: str = "both", strict: bool = False,
 
 def arrange(extracted: Path, staging: Path) -> None:
     """Zenodo zip ``baldder_tissue_classification/{HGC,LGC,NST,NTL}/, annotations.csv`` -> staging."""
-    hits = visible_files(extracted, CSV_NAME)
+    hits = archive_files(extracted, CSV_NAME)
     if not hits:
-        csvs = [p.relative_to(extracted).as_posix() for p in visible_files(extracted, "*.csv")]
+        csvs = [p.relative_to(extracted).as_posix() for p in archive_files(extracted, "*.csv")]
         raise DvlibError(f"no {CSV_NAME} (the bladder annotation CSV) in the archive"
                          + (f"; CSV files found: {csvs}" if csvs else ""))
     os.rename(hits[0].parent, staging)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dvlib.data.base import DatasetIndex, register
-from dvlib.data.sources import Source, extract, rel, visible_files
+from dvlib.data.base import DatasetIndex, register, visible_files
+from dvlib.data.sources import Source, archive_files, extract, rel
 from dvlib.io import DvlibError
 
 CLASSES = ["ACK", "BCC", "MEL", "NEV", "SCC", "SEK"]
@@ -26,8 +26,8 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 def find_images(folder: Path) -> dict[str, Path]:
     """Map file stem -> path for every image under ``folder`` (any depth)."""
     found: dict[str, Path] = {}
-    for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith("."):
+    for p in visible_files(folder)[0]:  # no .thumbnails or @eaDir copies
+        if p.suffix.lower() in IMAGE_EXTS:
             if p.stem in found:
                 raise DvlibError(f"two image files share the stem {p.stem!r}: {found[p.stem]} and {p}")
             found[p.stem] = p
@@ -74,7 +74,7 @@ def load_pad_ufes_20(folder: Path, strict: bool = False) -> DatasetIndex:
 
 def arrange(extracted: Path, staging: Path) -> None:
     """Mendeley zip ``metadata.csv, images/imgs_part_{1,2,3}.zip`` -> staging with zips unpacked."""
-    hits = visible_files(extracted, "metadata.csv")
+    hits = archive_files(extracted, "metadata.csv")
     if not hits:
         raise DvlibError("no metadata.csv (PAD-UFES-20 metadata) in the archive")
     base = hits[0].parent

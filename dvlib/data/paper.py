@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-#: method id -> the paper's column header
-METHOD_LABELS = {
-    "params_mean": "Params Mean",
-    "data_vector": "Data Vector",
-    "random_vector": "Random Vector",
-    "base_model": "Base Model",
-    "full_training": "Full Training",
-}
+from dvlib.methods import label
+
 PART_METHODS = ("params_mean", "data_vector", "random_vector", "base_model")
+COLUMNS = (*PART_METHODS, "full_training")  # the paper's columns; headers: dvlib.methods.label
 
 PAPER_RESULTS: dict[str, dict] = {
     "retina": {
@@ -61,7 +56,7 @@ def paper_results(dataset: str | None = None) -> pd.DataFrame:
     """Tidy table of the paper's accuracies: columns dataset, part, method, accuracy.
 
     ``part`` is 1-4 for the per-part methods and missing (``<NA>``) for ``full_training``.
-    ``method`` is a key of :data:`METHOD_LABELS`. ``dataset`` filters to one dataset.
+    ``method`` is one of :data:`COLUMNS`. ``dataset`` filters to one dataset.
     """
     from dvlib.io import DvlibError
 
@@ -87,6 +82,6 @@ def paper_table(dataset: str) -> pd.DataFrame:
     tidy = paper_results(dataset)
     parts = tidy[tidy["method"] != "full_training"]
     wide = parts.pivot(index="part", columns="method", values="accuracy")[list(PART_METHODS)]
-    wide.columns = [METHOD_LABELS[m] for m in PART_METHODS]
-    wide[METHOD_LABELS["full_training"]] = PAPER_RESULTS[dataset]["full_training"]
+    wide.columns = [label(m) for m in PART_METHODS]
+    wide[label("full_training")] = PAPER_RESULTS[dataset]["full_training"]
     return wide

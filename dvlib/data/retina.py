@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from dvlib.data.base import DatasetIndex, register
+from dvlib.data.base import DatasetIndex, register, visible_files
 from dvlib.data.pad_ufes import IMAGE_EXTS
-from dvlib.data.sources import Source, rel, visible_dirs
+from dvlib.data.sources import Source, rel, archive_dirs
 from dvlib.io import DvlibError
 
 #: official folder name -> class name, in the paper's (and the folders') order
@@ -58,8 +58,8 @@ def load_retina(folder: Path) -> DatasetIndex:
     empty = []
     for sub, label in FOLDERS.items():
         n0 = len(rows)
-        for p in sorted((base / sub).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith("."):
+        for p in visible_files(base / sub)[0]:  # no .thumbnails or @eaDir copies
+            if p.suffix.lower() in IMAGE_EXTS:
                 rel = p.relative_to(base / sub).with_suffix("").as_posix()
                 image = f"{sub}/{rel}"
                 rows.append({"image": image, "patient": image, "label": label, "path": str(p)})
@@ -76,7 +76,7 @@ def load_retina(folder: Path) -> DatasetIndex:
 
 def arrange(extracted: Path, staging: Path) -> None:
     """GitHub zip ``retina_dataset-master/dataset/<class folders>`` -> ``<staging>/dataset/``."""
-    found = [d for f in FOLDERS for d in visible_dirs(extracted, f)]
+    found = [d for f in FOLDERS for d in archive_dirs(extracted, f)]
     if not found:
         raise DvlibError(f"no Retina class folders found in the archive; expected "
                          f"dataset/{{{','.join(FOLDERS)}}}/")

@@ -1,7 +1,7 @@
 """Download sources: what a dataset's archive is and how it becomes the loader's layout.
 
 Each dataset module (:mod:`~dvlib.data.retina`, :mod:`~dvlib.data.bladder`,
-:mod:`~dvlib.data.pad_ufes`) defines its :class:`Source` next to its loader, and
+:mod:`~dvlib.data.pad_ufes`, :mod:`~dvlib.data.odir_fundus`) defines its :class:`Source` next to its loader, and
 :mod:`dvlib.data` registers them with :func:`register_source` in the paper's order.
 :mod:`dvlib.data.download` works on whatever is in :data:`SOURCES`. This module also holds the
 helpers the ``arrange`` functions share (finding folders in an archive, extracting one), so
@@ -46,7 +46,7 @@ class Source:
     layout: str
     arrange: Callable[[Path, Path], None]   # (extracted archive folder, staging folder)
     notes: tuple[str, ...] = field(default_factory=tuple)
-    #: extra lines for ``dvlib data verify``, computed from the loaded index
+    #: extra lines for ``dvlib data verify``, computed from the loaded index; a DvlibError refuses the copy
     verify_notes: Callable[[DatasetIndex], list[str]] = _no_notes
 
 
@@ -69,13 +69,13 @@ def get_source(name: str) -> Source:
 
 # --- helpers for the arrange functions --------------------------------------------------------
 
-def visible_dirs(top: Path, name: str) -> list[Path]:
+def archive_dirs(top: Path, name: str) -> list[Path]:
     """Folders called ``name`` under ``top`` (no ``__MACOSX`` copies), shallowest first."""
     hits = [p for p in top.rglob(name) if p.is_dir() and "__MACOSX" not in p.parts]
     return sorted(hits, key=lambda p: (len(p.parts), str(p)))
 
 
-def visible_files(top: Path, name: str) -> list[Path]:
+def archive_files(top: Path, name: str) -> list[Path]:
     """Files matching ``name`` under ``top`` (no ``__MACOSX`` copies), shallowest first."""
     hits = [p for p in top.rglob(name) if p.is_file() and "__MACOSX" not in p.parts]
     return sorted(hits, key=lambda p: (len(p.parts), str(p)))

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dvlib.experiment.cache import reset_caches
 from dvlib.experiment.parallel import finetune_devices
-from dvlib.experiment.session import Replicate, dataset_index, replicate, reset_caches
+from dvlib.experiment.restoring import restored_tag, step_restore
+from dvlib.experiment.session import Replicate, dataset_index, replicate
 from dvlib.experiment.steps import (ALL_METHODS, LAMBDAS, finetune_one, finetune_table, finetune_targets,
-                                    restored_tag, step_bn_policy, step_finetune, step_lambda, step_merge,
-                                    step_restore, step_similarity, step_split)
+                                    step_bn_policy, step_finetune, step_lambda, step_merge, step_similarity,
+                                    step_split)
 from dvlib.experiment.verify import split_checks, theta, verify_merge, verify_recalibration
 from dvlib.files import load_model, load_vector
 from dvlib.runs import Run, open_run, project_root

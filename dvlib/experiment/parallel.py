@@ -20,7 +20,7 @@ def finetune_devices(run_device: str = "auto", requested: Sequence[str] | None =
                      cuda_count: int | None = None) -> list[str]:
     """Where fine-tuning runs: ``requested`` if given (each checked), otherwise every visible GPU when
     ``run_device`` is ``auto`` and more than one is visible, otherwise ``run_device`` alone."""
-    from dvlib.train import resolve_device
+    from dvlib.device import resolve_device
 
     if requested:
         devs = [str(d) for d in requested]

@@ -7,21 +7,17 @@ and writes one tidy results file (plus per-image predictions for paired statisti
    :func:`step_lambda`     the data-vector merge against lambda (descriptive) -> ``lambda_eval.csv``
    :func:`step_bn_policy`  what to do with BatchNorm buffers when merging   -> ``bn_policy_eval.csv``
 4. :func:`step_restore`    each hospital's ``dvlib site restore``, in turn   -> ``restore_eval.csv``
+                           (in :mod:`dvlib.experiment.restoring`)
 5. :func:`step_similarity` Figure 2: layer-wise cosine to Full Training     -> ``layer_cosine.csv``
 
 Every model is evaluated on each hospital's own test split (``eval_on`` = ``hospital_<i>``, the
 paper's Part Index i) and on all test images together (``pooled``).
 
-With ``DVLIB_WORK_LOG=FILE`` each step appends one JSON line to FILE: its wall time and the images
-this process trained on and ran forward during it (:func:`dvlib.train.work`), and the evaluations
-computed and reused; ``benchmarks/bench_train.py`` turns them into compute floors.
+How each step writes its files, and the work log (``DVLIB_WORK_LOG``): :mod:`dvlib.experiment.records`.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
 import time
 import warnings
 from typing import Iterable, Sequence
@@ -29,17 +25,18 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from dvlib import models, provenance, restore
+from dvlib import models, provenance
 from dvlib.methods import METHODS, run_lam
 from dvlib.coordinator import merge_files
 from dvlib.experiment.parallel import finetune_devices, run_parallel
-from dvlib.experiment.session import dataset_index, evaluation_counts, plain, replicate
-from dvlib.files import load_model, load_vector, save_model, save_vector
-from dvlib.io import DvlibError, atomic_path, write_csv
+from dvlib.experiment.records import save_results, work_logged
+from dvlib.experiment.session import dataset_index, replicate
+from dvlib.files import load_model, load_vector, save_vector
+from dvlib.io import DvlibError, write_csv
 from dvlib.merging import BN_MODES, merge
 from dvlib.progress import note
 from dvlib.runs import Run
-from dvlib.site import finetune_site, restore_site
+from dvlib.site import finetune_site
 from dvlib.split import load_manifest, make_split, save_manifest, shard_table
 from dvlib.vectors import DataVector, key_kinds
 
@@ -47,48 +44,13 @@ ALL_METHODS = tuple(METHODS)
 LAMBDAS = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 11))
 
 
-def write_predictions(path, frames: list[pd.DataFrame]) -> None:
-    """Per-image predictions, gzipped CSV (byte-stable: no time stamp)."""
-    with atomic_path(path, suffix=".csv.gz") as tmp:
-        pd.concat(frames, ignore_index=True).round({"p_true": 5}).to_csv(
-            tmp, index=False, compression={"method": "gzip", "mtime": 0})
-
-
-def _save(run: Run, step: str, rows: list[dict], preds: list[pd.DataFrame] | None = None) -> pd.DataFrame:
-    table = pd.DataFrame(rows)
-    write_csv(run.result(step), table)
-    if preds:
-        write_predictions(run.dir / "results" / f"{step.removesuffix('_eval')}_predictions.csv.gz", preds)
-    return table
-
-
 def _body(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not k.startswith(models.HEAD_PREFIX)}
-
-
-def _work_logged(step):
-    """Append the step's work to ``$DVLIB_WORK_LOG`` (see the module docstring), if set."""
-    @functools.wraps(step)
-    def wrapper(run: Run, *args, **kwargs):
-        path = os.environ.get("DVLIB_WORK_LOG")
-        if not path:
-            return step(run, *args, **kwargs)
-        from dvlib.train import work
-
-        w0, e0, t0 = work(), evaluation_counts(), time.perf_counter()
-        out = step(run, *args, **kwargs)
-        w1, e1 = work(), evaluation_counts()
-        record = {"step": step.__name__, "run": run.name, "pid": os.getpid(), "seconds": time.perf_counter() - t0,
-                  **{k: w1[k] - w0[k] for k in w1}, **{f"evaluations_{k}": e1[k] - e0[k] for k in e1}}
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        return out
-    return wrapper
+    return models.pretrained_body(state)
 
 
 # --- 1. split -------------------------------------------------------------------------------------
 
-@_work_logged
+@work_logged
 def step_split(run: Run) -> pd.DataFrame:
     """Write each split seed's manifest once (reused afterwards); the shard table of all of them."""
     p = run.preset
@@ -127,13 +89,13 @@ def finetune_one(run: Run, split_seed: int, train_seed: int, target: str, device
     t0 = time.perf_counter()
     r = replicate(run, split_seed, train_seed, device)
     tau, meta = finetune_site(r.target(target), r.settings, seed=r.seed(target), build_seed=train_seed,
-                              device=r.device, progress=progress, model=r.pretrained_model(),
+                              device=r.device, progress=progress, model=r.pretrained_model(shared=True),
                               desc=f"{target} (split {split_seed}, train {train_seed})", preset=run.settings["preset"])
     save_vector(r.path(target), tau, {**meta, "model": target, "seconds": time.perf_counter() - t0})
     return time.perf_counter() - t0
 
 
-@_work_logged
+@work_logged
 def step_finetune(run: Run, targets: Iterable[str] | None = None, overwrite: bool = False,
                   progress: bool = False, devices: Sequence[str] | None = None, log=note) -> pd.DataFrame:
     """Fine-tune every hospital's model and Full Training (files that exist are kept unless
@@ -175,12 +137,13 @@ def finetune_table(run: Run) -> pd.DataFrame:
             if not r.path(m).exists():
                 continue
             vf = load_vector(r.path(m))
-            ev, pr = r.evaluate(r.model_from(vf.tau.apply_to(pre)), model=m, restore="none", lam=math.nan,
+            net = r.model_from(vf.tau.apply_to(pre), shared=True)
+            ev, pr = r.evaluate(net, model=m, restore="none", lam=math.nan,
                                 method="full_training" if m == "full" else "base_model")
             rows += ev
             preds.append(pr)
             hist += [{**r.tags, "model": m, **h} for h in vf.meta["history"]]
-    table = _save(run, "finetune_eval", rows, preds)
+    table = save_results(run, "finetune_eval", rows, preds)
     if hist:
         write_csv(run.result("finetune_history"), pd.DataFrame(hist))
     return table
@@ -196,7 +159,7 @@ def _hospital_files(run: Run, s: int, t: int) -> list:
 
 # --- 3. merge ---------------------------------------------------------------------------------------
 
-@_work_logged
+@work_logged
 def step_merge(run: Run, methods: Sequence[str] = ALL_METHODS) -> pd.DataFrame:
     """``dvlib merge`` of the hospitals' files with every method (the run's lambda for the data-vector
     family, BN statistics averaged); each merged model evaluated as the coordinator wrote it."""
@@ -209,19 +172,20 @@ def step_merge(run: Run, methods: Sequence[str] = ALL_METHODS) -> pd.DataFrame:
                 lam = run_lam(method, run.preset.lam)
                 out = r.path(f"merged_{method}")
                 merge_files(_hospital_files(run, s, t), out, method=method, lam=lam, seed=t,
-                            pretrained=r.pretrained_model())
-                ev, pr = r.evaluate(r.model_from(load_model(out).state), model=f"merged_{method}", method=method,
-                                    restore="none", lam=math.nan if lam is None else lam)
+                            pretrained=r.pretrained_model(shared=True))
+                net = r.model_from(load_model(out).state, shared=True)
+                ev, pr = r.evaluate(net, model=f"merged_{method}", method=method, restore="none",
+                                    lam=math.nan if lam is None else lam)
                 rows += ev
                 preds.append(pr)
-        return _save(run, "merge_eval", rows, preds)
+        return save_results(run, "merge_eval", rows, preds)
 
 
 def _taus(run: Run, s: int, t: int) -> list[DataVector]:
     return [load_vector(p).tau for p in _hospital_files(run, s, t)]
 
 
-@_work_logged
+@work_logged
 def step_lambda(run: Run, lambdas: Sequence[float] = LAMBDAS) -> pd.DataFrame:
     """``theta_pre + lam * sum(tau_i)`` against lam, no restore. Descriptive: evaluated on the test
     splits, so it must not be used to choose lambda."""
@@ -232,12 +196,12 @@ def step_lambda(run: Run, lambdas: Sequence[float] = LAMBDAS) -> pd.DataFrame:
             pre, taus = _body(r.pretrained()[0]), _taus(run, s, t)
             for lam in lambdas:
                 state, _ = merge(pre, taus, "data_vector", lam=float(lam))
-                rows += r.evaluate(r.model_from(state), model="merged_data_vector", method="data_vector",
-                                   restore="none", lam=float(lam))[0]
-        return _save(run, "lambda_eval", rows)
+                rows += r.evaluate(r.model_from(state, shared=True), model="merged_data_vector",
+                                   method="data_vector", restore="none", lam=float(lam))[0]
+        return save_results(run, "lambda_eval", rows)
 
 
-@_work_logged
+@work_logged
 def step_bn_policy(run: Run, policies: Sequence[str] = BN_MODES) -> pd.DataFrame:
     """The data-vector merge with each BatchNorm-buffer policy (no restore), negative variances counted."""
     rows = []
@@ -250,73 +214,10 @@ def step_bn_policy(run: Run, policies: Sequence[str] = BN_MODES) -> pd.DataFrame
                     warnings.simplefilter("ignore", RuntimeWarning)
                     state, rep = merge(pre, taus, "data_vector", lam=run.preset.lam, bn_buffers=pol,
                                        allow_negative_var=True)
-                ev, _ = r.evaluate(r.model_from(state), model="merged_data_vector", method="data_vector",
-                                   restore="none", lam=run.preset.lam)
+                ev, _ = r.evaluate(r.model_from(state, shared=True), model="merged_data_vector",
+                                   method="data_vector", restore="none", lam=run.preset.lam)
                 rows += [{**e, "bn_buffers": pol, "negative_var_layers": rep["negative_variance_layers"]} for e in ev]
-        return _save(run, "bn_policy_eval", rows)
-
-
-# --- 4. restore ---------------------------------------------------------------------------------------
-
-def restored_tag(method: str, mode: str) -> str:
-    return f"restored_{method}_{mode.replace('+', '_')}"
-
-
-SAVED_RESTORES = ("data_vector", "params_mean")  # kept on disk: Figure 2 and the command-line check use them
-
-
-@_work_logged
-def step_restore(run: Run, methods: Sequence[str] = ("pretrained",) + ALL_METHODS,
-                 modes: Sequence[str] = tuple(restore.MODES), finetune_methods: Sequence[str] | None = None,
-                 progress: bool = False) -> pd.DataFrame:
-    """Each restore mode applied to each merged model (and to the bare pretrained model, which shows
-    what the restore alone does) as the hospitals run it: ``dvlib site restore`` at hospital 1, then
-    2, ... on their training images. ``finetune_methods`` limits the training modes to some methods.
-
-    Modes that begin with the same rounds of visits share them: ``recalibrate+finetune_epoch``
-    continues from ``recalibrate``'s model instead of recalibrating again (the same visits from the
-    same model: the same result). ``none`` evaluates the merged file as it is."""
-    rows, preds, logs = [], [], []
-    with run.lock():
-        for s, t in run.replicates:
-            r = replicate(run, s, t)
-            for method in methods:
-                if method == "pretrained":
-                    src = r.pretrained()[0]
-                    meta = {"kind": "model", "classes": r.classes, "image_size": r.p.image_size, "restore_visits": [],
-                            "sources": [{"hyperparameters": r.settings.hyperparameters(t)}]}
-                else:
-                    mf = load_model(r.path(f"merged_{method}"))
-                    src, meta = mf.state, mf.meta
-                todo = [mode for mode in modes
-                        if not (restore.get(mode).uses_labels and finetune_methods and method not in finetune_methods)]
-                rounds = [restore.get(mode).visits for mode in todo]
-                # rounds another mode goes on from (none in the plain path: each mode from the start)
-                shared = set() if plain() else {v[:i] for v in rounds for i in range(1, len(v))}
-                done: dict[tuple, tuple[dict, dict]] = {(): (src, meta)}
-                for mode, visits in zip(todo, rounds):
-                    note(f"restore {method} with {mode} (split {s}, train {t})")
-                    start = max(i for i in range(len(visits) + 1) if visits[:i] in done)
-                    state, m = done[visits[:start]]
-                    model = r.model_from(state)
-                    for i in range(start, len(visits)):
-                        for h in r.hospitals:
-                            m = restore_site(None, r.local(h), None, mode=visits[i], seed=t, model=model, meta=m,
-                                             device=r.device, progress=progress)
-                        if visits[:i + 1] in shared:
-                            done[visits[:i + 1]] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, m)
-                    tag = restored_tag(method, mode)
-                    if mode != "none" and method in SAVED_RESTORES:
-                        save_model(r.path(tag), {k: v.detach().cpu() for k, v in model.state_dict().items()}, m)
-                    lam = run_lam(method, run.preset.lam) if method != "pretrained" else None
-                    ev, pr = r.evaluate(model, model=tag, method=method, restore=mode,
-                                        lam=math.nan if lam is None else lam)
-                    rows += ev
-                    preds.append(pr)
-                    logs += [{**r.tags, "method": method, "restore": mode, **{k: x for k, x in visit.items() if k != "split"}}
-                             for visit in m["restore_visits"]]
-        _save(run, "restore_log", logs)
-        return _save(run, "restore_eval", rows, preds)
+        return save_results(run, "bn_policy_eval", rows)
 
 
 # --- 5. similarity -------------------------------------------------------------------------------------
@@ -325,7 +226,7 @@ FIG2_MODELS = ("merged_data_vector", "merged_params_mean", "restored_data_vector
                "restored_data_vector_finetune_epoch", "restored_params_mean_finetune_epoch")
 
 
-@_work_logged
+@work_logged
 def step_similarity(run: Run) -> pd.DataFrame:
     """Figure 2 data: per convolution layer (network order), the cosine similarity to Full Training's
     data vector of each hospital's and of the merged models' (before and after restore)."""
@@ -333,8 +234,8 @@ def step_similarity(run: Run) -> pd.DataFrame:
     for s, t in run.replicates:
         r = replicate(run, s, t)
         pre = _body(r.pretrained()[0])
-        conv = r.pretrained_model().conv_keys()
-        kinds = key_kinds(r.pretrained()[0], r.pretrained_model())
+        net = r.pretrained_model(shared=True)
+        conv, kinds = net.conv_keys(), key_kinds(r.pretrained()[0], net)
         full = load_vector(r.path("full")).tau
         vectors = {f"hospital_{h}": load_vector(r.path(f"hospital_{h}")).tau for h in r.hospitals}
         for tag in FIG2_MODELS:
@@ -344,4 +245,4 @@ def step_similarity(run: Run) -> pd.DataFrame:
             cos, norms, ref_norms = tau.cosine(full, conv), tau.norms(), full.norms()
             rows += [{**r.tags, "model": tag, "layer_index": i, "layer": k, "cosine": cos[k], "norm": norms[k],
                       "reference_norm": ref_norms[k]} for i, k in enumerate(conv)]
-    return _save(run, "layer_cosine", rows)
+    return save_results(run, "layer_cosine", rows)

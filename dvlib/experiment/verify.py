@@ -6,6 +6,7 @@ import torch
 from dvlib.experiment.session import replicate
 from dvlib.files import load_model, load_vector
 from dvlib.io import DvlibError
+from dvlib.models import pretrained_body
 from dvlib.runs import Run
 from dvlib.split import load_manifest
 
@@ -29,7 +30,7 @@ def theta(run: Run, split_seed: int, train_seed: int) -> tuple[dict, list[dict]]
     """(theta_pre, [theta_i]): the pretrained weights and each hospital's fine-tuned weights, as
     plain state dicts (pretrained keys; a hospital's = theta_pre + its vector file's tau)."""
     r = replicate(run, split_seed, train_seed)
-    pre = {k: v for k, v in r.pretrained()[0].items() if not k.startswith("head.")}
+    pre = pretrained_body(r.pretrained()[0])
     thetas = [load_vector(r.path(f"hospital_{h}")).tau.apply_to(pre) for h in r.hospitals]
     return pre, thetas
 
@@ -62,11 +63,12 @@ def verify_recalibration(run: Run, split_seed: int, train_seed: int) -> float:
 
     from dvlib.loader import batches
     from dvlib.restore import BN_BATCH
-    from dvlib.train import prepare
+    from dvlib.device import prepare
 
     r = replicate(run, split_seed, train_seed)
     ours = load_model(run.model_path(split_seed, train_seed, "restored_data_vector_recalibrate")).state
-    ref = prepare(r.model_from(load_model(run.model_path(split_seed, train_seed, "merged_data_vector")).state), r.device)
+    merged = load_model(run.model_path(split_seed, train_seed, "merged_data_vector")).state
+    ref = prepare(r.model_from(merged, shared=True), r.device)
     loader = [x for sh in r.train_shards() for x, _ in batches(sh.cache, sh.rows, None, BN_BATCH, r.p.image_size,
                                                                train=False, device=r.device,
                                                                channels_last=r.device.type == "cuda")]

@@ -13,10 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dvlib import stats
-from dvlib.reporting.noise import BASE_MODEL, model_rows
-from dvlib.reporting.tables import (METRIC_LABELS, PAPER_COLUMNS, REPLICATE, RESTORE_LABELS, load_results,
-                                    paper_rows, results_dir)
+from dvlib import methods, stats
+from dvlib.reporting.tables import (BASE_MODEL, METRIC_LABELS, PAPER_COLUMNS, REPLICATE, RESTORE_LABELS, load_results,
+                                    model_rows, paper_rows, results_dir)
 
 RIVALS = ("base_model", "params_mean", "full_training", "random_vector")
 
@@ -44,7 +43,7 @@ def claim(results, metric: str, rival: str, restore_mode: str, n_boot: int = 200
     d_cells = (cells["data_vector"] - cells[rival]).dropna().to_numpy()
     d_pooled = (wide.xs("pooled", level="part")["data_vector"] - wide.xs("pooled", level="part")[rival]).dropna()
     sign, t = stats.sign_test(d_cells), stats.paired_t(d_pooled.to_numpy())
-    out = {"claim": f"Data Vector ({RESTORE_LABELS[restore_mode]}) vs {PAPER_COLUMNS[rival]}",
+    out = {"claim": f"{methods.label('data_vector')} ({RESTORE_LABELS[restore_mode]}) vs {PAPER_COLUMNS[rival]}",
            "rival": rival, "restore": restore_mode, "metric": metric,
            "cells W/T/L": f"{sign.wins}/{sign.ties}/{sign.losses}", "sign p": sign.pvalue,
            "pooled diff (pp)": t.diff * 100, "t low": t.low * 100, "t high": t.high * 100, "t p": t.pvalue,
@@ -90,7 +89,7 @@ def verdict(row) -> str:
         return "too few replicates to test"
     if p >= 0.05:
         return "no significant difference"
-    return "Data Vector better" if row["pooled diff (pp)"] > 0 else "Data Vector worse"
+    return f"{methods.label('data_vector')} {'better' if row['pooled diff (pp)'] > 0 else 'worse'}"
 
 
 def claims_table(results, metric: str = "accuracy", restore_mode: str = "finetune_epoch") -> pd.DataFrame:

@@ -9,7 +9,9 @@ from typing import Sequence
 import numpy as np
 
 from dvlib.io import atomic_path
+from dvlib.methods import label
 from dvlib.reporting.tables import REPLICATE, load_results
+from dvlib.restore import MODES
 
 
 def _finish(fig, out, title: str):
@@ -31,11 +33,12 @@ def plot_layer_cosine(results, out: str | os.PathLike | None = None):
 
     df = load_results(results, "layer_cosine")
     fig, ax = plt.subplots(figsize=(10, 4.2))
-    styles = {"merged_data_vector": dict(color="tab:red", lw=2.0, label="Data Vector merge (before restore)"),
+    merge = f"{label('data_vector')} merge"
+    styles = {"merged_data_vector": dict(color="tab:red", lw=2.0, label=f"{merge} (before restore)"),
               "restored_data_vector_finetune_epoch": dict(color="darkred", lw=1.6, ls="--",
-                                                          label="Data Vector merge + 1 epoch per hospital"),
+                                                          label=f"{merge} + {MODES['finetune_epoch'].label}"),
               "restored_data_vector_recalibrate": dict(color="salmon", lw=1.2, ls=":",
-                                                       label="Data Vector merge + BN recalibrate")}
+                                                       label=f"{merge} + {MODES['recalibrate'].label}")}
     top = 0.0
     for model, g in df.groupby("model"):
         agg = g.groupby("layer_index")["cosine"].agg(["mean", "std"]).fillna(0)
@@ -50,7 +53,7 @@ def plot_layer_cosine(results, out: str | os.PathLike | None = None):
         top = max(top, float((agg["mean"] + agg["std"]).max()))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("convolution layer (network order)")
-    ax.set_ylabel("cosine similarity to the Full Training vector")
+    ax.set_ylabel(f"cosine similarity to the {label('full_training')} vector")
     ax.set_ylim(min(-0.02, float(df["cosine"].min()) - 0.02), min(1.0, top * 1.15 + 0.02))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
@@ -72,7 +75,8 @@ def plot_lambda_curve(results, metric: str = "accuracy", out: str | os.PathLike 
                 label="data vector merge (BN mean, no restore)")
     ax.axhline(ft[ft["method"] == "base_model"][metric].mean() * 100, color="tab:blue", ls="--",
                label="hospitals' own models (mean)")
-    ax.axhline(ft[ft["method"] == "full_training"][metric].mean() * 100, color="black", ls=":", label="Full Training")
+    ax.axhline(ft[ft["method"] == "full_training"][metric].mean() * 100, color="black", ls=":",
+               label=label("full_training"))
     n_hosp = ft["model"].str.startswith("hospital_").groupby([ft[c] for c in REPLICATE]).sum().max()
     if n_hosp:
         ax.axvline(1 / n_hosp, color="grey", lw=0.8, alpha=0.6)
@@ -111,8 +115,8 @@ def plot_training(results, out: str | os.PathLike | None = None):
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for model, g in h.groupby("model"):
         agg = g.groupby("epoch")["loss"].mean()
-        label = "Full Training" if model == "full" else f"hospital {model.split('_')[1]}"
-        ax.plot(agg.index, agg.values, marker=".", label=label, lw=2 if model == "full" else 1)
+        name = label("full_training") if model == "full" else f"hospital {model.split('_')[1]}"
+        ax.plot(agg.index, agg.values, marker=".", label=name, lw=2 if model == "full" else 1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("weighted cross-entropy (train)")
     ax.grid(alpha=0.3)

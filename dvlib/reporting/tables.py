@@ -13,14 +13,14 @@ from pathlib import Path
 import pandas as pd
 
 from dvlib import methods, restore
+from dvlib.data.paper import COLUMNS
 from dvlib.io import DvlibError, read_csv, write_csv, write_text
 from dvlib.stats import mean_interval
 
 REPLICATE = ["split_seed", "train_seed"]
-PAPER_COLUMNS = {"params_mean": "Params Mean", "data_vector": "Data Vector", "random_vector": "Random Vector",
-                 "base_model": "Base Model", "full_training": "Full Training"}
-METHOD_LABELS = {**{m.name: m.label for m in methods.METHODS.values()}, **PAPER_COLUMNS,
-                 "pretrained": "Pretrained (no merge)"}
+# every label from the registries (dvlib.methods, dvlib.restore): renaming a method is one line there
+METHOD_LABELS = {m: methods.label(m) for m in (*methods.METHODS, *methods.BASELINES)}
+PAPER_COLUMNS = {m: methods.label(m) for m in COLUMNS}
 RESTORE_LABELS = {m.name: m.label for m in restore.MODES.values()}
 METRIC_LABELS = {"accuracy": "Accuracy (%)", "balanced_accuracy": "Balanced accuracy (%)",
                  "macro_f1": "Macro-F1 (%)", "auc_ovr": "AUC, one vs rest (%)"}
@@ -90,7 +90,7 @@ def finetune_table(results, metric: str = "accuracy") -> pd.DataFrame:
     ft = ft.assign(part=ft["eval_on"].map(part_label))
     t = ft.groupby(["model", "part"])[metric].apply(cell).unstack("part")
     t = t[_part_order(t.columns)].rename(columns=lambda p: p if p == "pooled" else f"Part {p}")
-    t.index = [("Full Training" if m == "full" else f"hospital {m.split('_')[1]}'s model") for m in t.index]
+    t.index = [(methods.label("full_training") if m == "full" else f"hospital {m.split('_')[1]}'s model") for m in t.index]
     t.index.name = f"{METRIC_LABELS[metric]} on the test split of"
     return t
 
@@ -222,3 +222,24 @@ def provenance_text(results) -> str:
     if not path.exists():
         return f"{path}: no provenance recorded"
     return json.dumps(json.loads(path.read_text()), indent=2)
+
+
+RESTORES = ("none", "recalibrate", "finetune_epoch")
+# several models per replicate: averaged in scores()
+BASE_MODEL = f"{methods.label('base_model')} (mean of the hospitals)"
+
+
+def model_rows(results) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Model label -> (the file its rows come from, its rows): Full Training, the hospitals' own
+    models, and the data-vector merge after each restore (where the run has it)."""
+    ft = load_results(results, "finetune_eval")
+    out = {methods.label("full_training"): ("finetune", ft[ft["method"] == "full_training"]),
+           BASE_MODEL: ("finetune", ft[ft["method"] == "base_model"])}
+    try:
+        rs = load_results(results, "restore_eval")
+    except DvlibError:  # a run without the merge: its fine-tuned models only
+        rs = None
+    for r in RESTORES if rs is not None else ():
+        out[f"{methods.label('data_vector')} ({RESTORE_LABELS[r]})"] = \
+            ("restore", rs[(rs["method"] == "data_vector") & (rs["restore"] == r)])
+    return {k: v for k, v in out.items() if not v[1].empty}

@@ -1,4 +1,5 @@
-"""The ServerApp: the coordinator. It runs a list of jobs over the same hospitals, one after the other.
+"""The coordinator's jobs, which the ServerApp (:mod:`dvlib.studies.federated.app.server_app`) runs
+one after the other over the same hospitals.
 
 - ``data_vector``: one exchange. Every hospital fine-tunes for its full local epochs and sends its
   data vector once (it builds the pretrained model itself, as in the file workflow: nothing is sent
@@ -7,15 +8,14 @@
   BatchNorm statistics averaged). Then the restore (``restore``: ``recalibrate``, ``finetune_epoch``,
   ...): the merged model visits the hospitals one after another (a second, sequential round).
 - ``fedavg-R`` / ``fedbn-R``: Flower's FedAvg over R rounds of epochs/R local epochs
-  (:mod:`dvlib.federated.strategies`), starting from the pretrained model.
+  (:mod:`dvlib.studies.federated.strategies`), starting from the pretrained model.
 
 With ``warmup``, a ``query`` first lets every hospital open its images and build its model, so that
-no job's seconds include that. After each job the final model goes to every hospital (``evaluate``; FedBN: each with its own
-statistics) and each scores it on its own test split. Settings come from the run config (Flower's
-``[tool.flwr.app.config]``, ``flwr run -c``) or, in the simulation (whose run config is empty),
-from ``overrides``. Results: into ``sink`` (simulation: the ServerApp runs in the calling process)
-and, with ``out-dir``, as files: ``<out-dir>/<job>/`` holds the vector files, the merged and restored
-model files (data vector) or ``model.safetensors`` (FedAvg; FedBN's shared part), and ``<job>.json``
+no job's seconds include that. After each job the final model goes to every hospital (``evaluate``;
+FedBN: each with its own statistics) and each scores it on its own test split. ``cfg`` is the
+complete run config (the app's ``[tool.flwr.app.config]`` with its overrides). With ``out-dir``,
+results are also files: ``<out-dir>/<job>/`` holds the vector files, the merged and restored model
+files (data vector) or ``model.safetensors`` (FedAvg; FedBN's shared part), and ``<job>.json``
 (ledger, evaluation metrics, seconds).
 """
 from __future__ import annotations
@@ -24,15 +24,13 @@ import json
 import re
 import tempfile
 import time
-import traceback
 from pathlib import Path
-from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
-from dvlib.federated.ledger import Ledger, site_of
-from dvlib.federated.records import (
+from dvlib.studies.federated.ledger import Ledger, site_of
+from dvlib.studies.federated.records import (
     json_record,
     record_tensors,
     record_vector,
@@ -41,27 +39,6 @@ from dvlib.federated.records import (
 from dvlib.io import DvlibError, write_json
 from dvlib.progress import note
 
-DEFAULTS: dict[str, Any] = {
-    "jobs": "data_vector",       # space-separated: data_vector, fedavg-<R>, fedbn-<R>
-    "restore": "recalibrate",    # the data vector's restore mode (dvlib.restore.MODES)
-    "settings": "",              # JSON of dvlib.stages.TrainSettings: what every hospital trains with
-    "classes": "",               # JSON list: the agreed classes, in label order
-    "preset": "",
-    "train-seed": 0,             # the replicate's training seed (heads, and every hospital's seeds)
-    "split-seed": 0,
-    "lam": 0.5,
-    "num-nodes": 2,              # wait for this many SuperNodes
-    "run-dir": "",               # simulation: the run whose manifest defines the hospitals
-    "reuse": True,               # let hospitals reuse identical results (dvlib.federated.hospital)
-    "threads": 0,                # torch threads at the hospitals (0: leave as is)
-    "device": "cpu",
-    "out-dir": "",
-    "timeout": 3600.0,           # seconds to wait for one round's replies
-    "poll-interval": 0.2,        # reply polling (Flower's deployment Grid sleeps 3 s between pulls)
-    "evaluate": True,
-    "warmup": False,             # first a query to every hospital: it opens its data and builds its model (simulation)
-    "fedbn-affine": False,       # FedBN: keep the BatchNorm weights local too (the FedBN paper's variant)
-}
 SITE_LABEL = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 CLIENT_KEYS = ("settings", "classes", "preset", "train-seed", "split-seed", "run-dir", "reuse", "threads", "device")
 
@@ -82,48 +59,6 @@ def parse_jobs(text: str) -> list[tuple[str, str, int]]:
 
 def client_config(cfg: dict, **extra) -> ConfigRecord:
     return json_record(**{k: cfg[k] for k in CLIENT_KEYS}, **extra)
-
-
-class PollingGrid(Grid):
-    """Flower's Grid, polling for replies every ``poll`` seconds (the deployment runtime's Grid sleeps
-    a fixed 3 s between pulls); only the public Grid API is used."""
-
-    def __init__(self, inner: Grid, poll: float):
-        self.inner, self.poll = inner, poll
-
-    def set_run(self, run):
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages):
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids):
-        return self.inner.pull_messages(message_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        if not messages:
-            return []
-        ids = set(self.inner.push_messages(messages))
-        end = time.time() + (timeout or 0.0)
-        out: list[Message] = []
-        while ids and (timeout is None or time.time() < end):
-            got = list(self.inner.pull_messages(ids))
-            out.extend(got)
-            ids.difference_update(m.metadata.reply_to_message_id for m in got)
-            if ids:
-                time.sleep(self.poll)
-        return out
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
@@ -201,7 +136,7 @@ def fedavg_job(grid: Grid, cfg: dict, nodes: list[int], job: str, kind: str, rou
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from dvlib import stages
-    from dvlib.federated.strategies import DvlibFedAvg, local_keys
+    from dvlib.studies.federated.strategies import DvlibFedAvg, local_keys
     from dvlib.files import BUILTIN_WEIGHTS, save_model
     from dvlib.vectors import key_kinds
 
@@ -258,8 +193,6 @@ def run_jobs(grid: Grid, cfg: dict) -> dict:
     """Every job of ``cfg["jobs"]``, in order; returns {job: result}."""
     if not cfg["settings"] or not cfg["classes"]:
         raise DvlibError("the server needs 'settings' (JSON of dvlib.stages.TrainSettings) and 'classes' (JSON list)")
-    if float(cfg.get("poll-interval") or 0) > 0:
-        grid = PollingGrid(grid, float(cfg["poll-interval"]))
     nodes = wait_for_nodes(grid, int(cfg["num-nodes"]), float(cfg["timeout"]))
     results = {}
     if cfg.get("warmup"):  # so that no job's seconds include a simulation actor's start-up and image decoding
@@ -289,22 +222,3 @@ def run_jobs(grid: Grid, cfg: dict) -> dict:
                     "config": cfg})
     return results
 
-
-def make_server_app(overrides: dict | None = None, sink: dict | None = None) -> ServerApp:
-    """The ServerApp; ``overrides`` replace run-config values, ``sink`` receives the results (and
-    ``error``, the traceback, if a job failed)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        cfg = {**DEFAULTS, **dict(context.run_config), **(overrides or {})}
-        try:
-            out = run_jobs(grid, cfg)
-        except BaseException:
-            if sink is not None:
-                sink["error"] = traceback.format_exc()
-            raise
-        if sink is not None:
-            sink.update(out)
-
-    return app

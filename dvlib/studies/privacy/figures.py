@@ -1,5 +1,5 @@
 """The privacy audit's figures (ROC curves, privacy against utility), from the result files alone
-(:mod:`dvlib.reporting.privacy` makes the tables from the same files)."""
+(:mod:`dvlib.studies.privacy.report` makes the tables from the same files)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from dvlib.reporting.figures import _finish
-from dvlib.reporting.privacy import model_label, _order, _n_replicates, _nonprivate, ATTACK_LABELS, COLORS
+from dvlib.studies.privacy.report import model_label, _order, _n_replicates, _nonprivate, ATTACK_LABELS, COLORS
 from dvlib.reporting.tables import REPLICATE, RESTORE_LABELS, load_results, results_dir
 
 

@@ -16,25 +16,7 @@ import pandas as pd
 
 from dvlib import stats
 from dvlib.io import DvlibError
-from dvlib.reporting.tables import RESTORE_LABELS, load_results, results_dir
-
-RESTORES = ("none", "recalibrate", "finetune_epoch")
-BASE_MODEL = "Base Model (mean of the hospitals)"  # several models per replicate: averaged in scores()
-
-
-def model_rows(results) -> dict[str, tuple[str, pd.DataFrame]]:
-    """Model label -> (the file its rows come from, its rows): Full Training, the hospitals' own
-    models, and the data-vector merge after each restore (where the run has it)."""
-    ft = load_results(results, "finetune_eval")
-    out = {"Full Training": ("finetune", ft[ft["method"] == "full_training"]),
-           BASE_MODEL: ("finetune", ft[ft["method"] == "base_model"])}
-    try:
-        rs = load_results(results, "restore_eval")
-    except DvlibError:  # a run without the merge: its fine-tuned models only
-        rs = None
-    for r in RESTORES if rs is not None else ():
-        out[f"Data Vector ({RESTORE_LABELS[r]})"] = ("restore", rs[(rs["method"] == "data_vector") & (rs["restore"] == r)])
-    return {k: v for k, v in out.items() if not v[1].empty}
+from dvlib.reporting.tables import model_rows, results_dir
 
 
 def scores(results, metric: str = "accuracy", eval_on: str = "pooled") -> pd.DataFrame:

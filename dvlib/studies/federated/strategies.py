@@ -10,7 +10,7 @@
 - for FedBN (Li et al. 2021, https://arxiv.org/abs/2102.07623) never sends the ``local_keys``: the
   hospitals keep their own BatchNorm statistics (and, with ``affine``, the BatchNorm weights too, as
   in the paper) and reply only with the shared keys, so only those are averaged;
-- records bytes and seconds per round (:class:`dvlib.federated.ledger.Ledger`) and fails loudly when a
+- records bytes and seconds per round (:class:`dvlib.studies.federated.ledger.Ledger`) and fails loudly when a
   hospital's reply is missing or an error (Flower's FedAvg would log it and keep going).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from dvlib.federated.ledger import Ledger, site_of
+from dvlib.studies.federated.ledger import Ledger, site_of
 from dvlib.io import DvlibError
 from dvlib.vectors import BN_STAT, COUNTER, Kind
 

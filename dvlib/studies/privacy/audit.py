@@ -1,9 +1,9 @@
 """The privacy audit (notebook 08): what the released models say about the hospitals' patients.
 
 1. :func:`step_privacy_audit` -> ``privacy_audit.csv``, ``privacy_roc.csv.gz``: membership inference
-   (:mod:`dvlib.privacy`) on every model a run released.
-2. :func:`dvlib.experiment.dp_steps.step_dp` -> ``dp_eval.csv``, ``dp_audit.csv``, ``dp_history.csv``:
-   the same method with differentially private local fine-tuning (:func:`dvlib.dp.fit_dp`), its
+   (:mod:`dvlib.studies.privacy.attack`) on every model a run released.
+2. :func:`dvlib.studies.privacy.dp_steps.step_dp` -> ``dp_eval.csv``, ``dp_audit.csv``, ``dp_history.csv``:
+   the same method with differentially private local fine-tuning (:func:`dvlib.studies.privacy.dp.fit_dp`), its
    accuracy and the same attacks.
 
 **Members and non-members.** A model's members are the images it was trained on, its non-members
@@ -34,7 +34,7 @@ same draws. With n non-members the lowest FPR that can be observed is 1/n (``min
 "TPR at FPR x" is the TPR at zero false positives.
 
 Cost (2 CPU cores, quick preset): the audit predicts every training and test image once per model;
-DP fine-tuning costs what :mod:`dvlib.dp` says.
+DP fine-tuning costs what :mod:`dvlib.studies.privacy.dp` says.
 """
 from __future__ import annotations
 
@@ -44,10 +44,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from dvlib import privacy, stages
+from dvlib import stages
+from dvlib.studies.privacy import attack as privacy
 from dvlib.experiment.session import Replicate, replicate
 from dvlib.files import load_model, load_vector
 from dvlib.io import DvlibError, atomic_path, write_csv
+from dvlib.models import pretrained_body
+from dvlib.privacy_budget import check_n_boot
 from dvlib.progress import note
 from dvlib.runs import Run
 from dvlib.seeds import derive
@@ -174,7 +177,7 @@ def _state(r: Replicate, tag: str) -> dict:
     if tag == "pretrained":
         return r.pretrained()[0]
     if tag.startswith("hospital_") or tag == "full":
-        pre = {k: v for k, v in r.pretrained()[0].items() if not k.startswith("head.")}
+        pre = pretrained_body(r.pretrained()[0])
         return load_vector(r.path(tag)).tau.apply_to(pre)
     return load_model(r.path(tag)).state
 
@@ -196,6 +199,7 @@ def step_privacy_audit(run: Run, n_boot: int = 1000, models: Sequence[str] | Non
     loss) and ``results/privacy_roc.csv.gz`` (each model's curves in its own scope, pooled for
     models trained on every hospital, thinned to at most :data:`CURVE_POINTS` vertices).
     """
+    n_boot = check_n_boot(n_boot)  # before hours of evaluation, not at the first audit
     rows, curves = [], []
     with run.lock():
         for s, t in run.replicates:
@@ -206,11 +210,11 @@ def step_privacy_audit(run: Run, n_boot: int = 1000, models: Sequence[str] | Non
                 raise DvlibError(f"split {s} train {t}: no model files for {missing} ({r.path(missing[0])}); run the "
                                  "steps that write them first (notebooks 02-04)")
             t0 = time.perf_counter()
-            reference = per_image_losses(r, r.pretrained_model())
+            reference = per_image_losses(r, r.pretrained_model(shared=True))
             for tag in tags:
                 scopes, curve_scope = _scopes(r, tag)
                 hospitals = [int(tag.split("_")[1])] if tag.startswith("hospital_") else None
-                frame = reference if tag == "pretrained" else per_image_losses(r, r.model_from(_state(r, tag)), hospitals)
+                frame = reference if tag == "pretrained" else per_image_losses(r, r.model_from(_state(r, tag), shared=True), hospitals)
                 got, cur = _audit(r, tag, frame, reference, scopes, n_boot, curve_scope)
                 rows += got
                 curves += cur

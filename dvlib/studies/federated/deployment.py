@@ -1,16 +1,16 @@
-"""Flower's deployment runtime on one machine: a SuperLink and N SuperNodes as separate processes.
+"""Flower's runtimes on one machine, for tests and for trying a federation before a consortium runs
+it (docs/multi-site.md): a SuperLink and N SuperNodes as separate processes (the deployment
+runtime), or a SuperLink in simulation mode (``simulation=True``: Flower's simulation runtime, no
+SuperNodes). Every process listens on 127.0.0.1 on a free port, without TLS (``--insecure``: never
+across a network), with a private ``FLWR_HOME`` and Flower's telemetry off. Node configs and run
+configs are Flower's own ``key=value`` text::
 
-For tests and for trying the deployment before a consortium runs it (docs/multi-site.md): every
-process listens on 127.0.0.1 on a free port, without TLS (``--insecure``: never across a network),
-with a private ``FLWR_HOME`` and Flower's telemetry off::
-
-    with LocalDeployment(tmp, [{"data": "/data/site_a"}, {"data": "/data/site_b"}]) as d:
-        run_id = d.submit(write_app(tmp / "app"), {"jobs": "data_vector", ...})
-        d.wait(run_id, tmp / "out" / "data_vector" / "data_vector.json")
+    with LocalDeployment(tmp, ['data="/data/site_a"', 'data="/data/site_b"']) as d:
+        d.wait(d.submit("dvlib/studies/federated/app", ['preset="quick" num-nodes=2 out-dir="/tmp/out"']))
 
 Processes are started in their own process groups and stopped with SIGTERM (SIGKILL after 10 s);
-Flower's own children (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``) exit with their
-parents, which :meth:`LocalDeployment.stop` checks.
+Flower's own children (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``,
+``flwr-simulation``) exit with their parents, which :meth:`LocalDeployment.stop` checks.
 """
 from __future__ import annotations
 
@@ -43,24 +43,27 @@ def free_ports(k: int) -> list[int]:
             s.close()
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))  # a TOML basic string (JSON escapes are TOML escapes for these texts)
+def _with_partition(node_config: str, i: int, n: int) -> str:
+    """A SuperNode's ``--node-config`` text with ``partition-id``/``num-partitions`` added when missing."""
+    extra = [f"{k}={v}" for k, v in (("partition-id", i), ("num-partitions", n)) if f"{k}=" not in node_config]
+    return " ".join([node_config, *extra])
 
 
 class LocalDeployment:
     """One SuperLink and one SuperNode per entry of ``node_configs`` (each SuperNode's
-    ``--node-config``; ``partition-id``/``num-partitions`` are added when missing)."""
+    ``--node-config`` text; ``partition-id``/``num-partitions`` are added when missing); with
+    ``simulation``, a SuperLink in simulation mode and no SuperNodes. ``env``: more environment for
+    every process (e.g. ``RAY_ADDRESS``: the simulation joins a Ray already started)."""
 
-    def __init__(self, root: str | os.PathLike, node_configs: Sequence[Mapping], start_timeout: float = 120.0):
+    def __init__(self, root: str | os.PathLike, node_configs: Sequence[str] = (), *, simulation: bool = False,
+                 env: Mapping[str, str] | None = None, start_timeout: float = 120.0):
         self.root = Path(root)
         self.home = self.root / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.node_configs = [{"partition-id": i, "num-partitions": len(node_configs), **dict(c)}
-                             for i, c in enumerate(node_configs)]
+        if simulation and node_configs:
+            raise DvlibError("a simulation SuperLink runs its own virtual SuperNodes: give no node configs")
+        self.simulation = simulation
+        self.node_configs = [_with_partition(str(c), i, len(node_configs)) for i, c in enumerate(node_configs)]
         self.link_port, *self.node_ports = free_ports(1 + len(node_configs))
         self.start_timeout = start_timeout
         self.procs: dict[str, subprocess.Popen] = {}
@@ -68,7 +71,7 @@ class LocalDeployment:
         self.timings: dict[str, float] = {}
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink
                     "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",  # spawns flower-superexec by name
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", **(env or {})}
         (self.home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                                f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
 
@@ -107,12 +110,13 @@ class LocalDeployment:
     def start(self) -> None:
         t = time.perf_counter()
         self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(self.link_port), "--disable-runtime-dependency-installation"])
+                                  "--port", str(self.link_port), "--disable-runtime-dependency-installation",
+                                  *(["--simulation"] if self.simulation else [])])
         self._wait("the SuperLink", lambda: "Application startup complete" in self.log("superlink"), self.start_timeout)
         for i, (port, cfg) in enumerate(zip(self.node_ports, self.node_configs)):
             self._spawn(f"supernode{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
                                           f"127.0.0.1:{self.link_port}", "--port", str(port),
-                                          "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())])
+                                          "--node-config", cfg])
         n = len(self.node_configs)
         self._wait(f"{n} SuperNodes", lambda: self.log("superlink").count("Activated node_id") >= n, self.start_timeout)
         self.timings["start_s"] = time.perf_counter() - t
@@ -163,11 +167,13 @@ class LocalDeployment:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
-    def submit(self, app_dir: str | os.PathLike, run_config: Mapping) -> int:
-        """``flwr run <app_dir> local --run-config <file>``; returns the run id."""
-        cfg = self.root / f"run_config_{len(list(self.root.glob('run_config_*')))}.toml"
-        cfg.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
-        r = self.flwr("run", str(app_dir), "local", "--run-config", str(cfg), "--format", "json")
+    def submit(self, app_dir: str | os.PathLike, run_config: Sequence[str] = (),
+               federation_config: Sequence[str] = ()) -> int:
+        """``flwr run <app_dir> local --run-config ... [--federation-config ...]``: Flower's ``key=value``
+        text (or a TOML file) for each; returns the run id."""
+        opts = [a for c in run_config for a in ("--run-config", str(c))]
+        opts += [a for c in federation_config for a in ("--federation-config", str(c))]
+        r = self.flwr("run", str(app_dir), "local", *opts, "--format", "json")
         m = re.search(r"\{.*\}", r.stdout, re.DOTALL)
         res = json.loads(m.group(0)) if m else {}
         if r.returncode != 0 or not res.get("success"):

@@ -6,7 +6,8 @@ sums, adds Gaussian noise of std ``sigma * max_grad_norm``, divides by the expec
 hands the result to Adam (post-processing: no extra privacy cost). An epoch is round(n / batch_size)
 such steps. ``sigma`` is the smallest noise that keeps Opacus' RDP accountant at ``target_epsilon``
 after all steps, with delta = 1/n by default (the usual advice is delta well below 1/n: a mechanism
-that publishes one random image in full is (0, 1/n)-DP).
+that publishes one random image in full is (0, 1/n)-DP); a delta given must be below
+:data:`dvlib.privacy_budget.DELTA_FACTOR` / n, and epsilon finite and > 0.
 
 BatchNorm mixes the images of a batch, so it has no per-image gradient: Opacus refuses it. We keep
 the pretrained BatchNorm layers frozen (eval mode: running statistics used, never updated; affine
@@ -16,13 +17,7 @@ left in train mode (batch statistics, a privacy leak) would pass; and it matches
 so timm's ``BatchNormAct2d`` is not recognised as BatchNorm at all (GradSampleHooks' buffer check is
 what rejects it when trainable).
 
-Per-image gradients of convolutions (``grad_sampler="dvlib"``, the default): Opacus' own sampler
-builds the full [C_out, C_in * k] product and keeps the diagonal for grouped convolutions (21 CPU-s
-per batch of 32 at 128 px in EfficientNet-Lite0's depthwise layers, 0.3 s here), falls back to
-functorch for timm's ``Conv2dSame``, and (opacus 1.6.0) returns wrong gradients for channels-last
-inputs; :func:`conv2d_grad_sample` computes all of them exactly, grouped ones as one
-convolution-backward with the batch folded into the groups. ``"opacus"`` and ``"functorch"`` use
-Opacus' own samplers (hooks, or functorch for every layer) instead.
+Per-image gradients of convolutions: :mod:`~dvlib.studies.privacy.grad_sample`.
 
 Not covered by the guarantee: anything computed from the private data outside these steps, e.g.
 class weights from the hospital's label counts (pass public or uniform weights for a strict
@@ -41,9 +36,10 @@ from torch import nn
 
 from dvlib.io import DvlibError
 from dvlib.loader import ImageCache, augment, draw_params
+from dvlib.privacy_budget import check_epsilon, resolve_delta
+from dvlib.studies.privacy.grad_sample import GRAD_SAMPLERS, grad_sample_hooks
 
 TRAINABLE = ("all_but_bn", "head")
-GRAD_SAMPLERS = ("dvlib", "opacus", "functorch")
 # the last stages of each network (and the new head): the cheaper variant measured against all_but_bn
 # (EfficientNet-Lite0: blocks 5-6, conv_head, the pretrained classifier; backward stops at block 5)
 LAST_STAGES = {
@@ -109,53 +105,6 @@ def select_trainable(model: nn.Module, trainable="all_but_bn") -> list[str]:
     return names
 
 
-def conv2d_grad_sample(layer: nn.Conv2d, activations, backprops: torch.Tensor) -> dict:
-    """Per-image gradients of a Conv2d (or timm Conv2dSame) from its input and output gradient."""
-    from opacus.grad_sample.conv import compute_conv_grad_sample
-
-    x = activations[0].to(backprops.dtype)
-    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-        return compute_conv_grad_sample(layer, activations, backprops)
-    n, padding, w = x.shape[0], list(layer.padding), layer.weight
-    if type(layer).__name__ == "Conv2dSame":  # TF "same" padding, computed from the input size
-        from timm.layers.padding import pad_same
-
-        x, padding = pad_same(x, layer.kernel_size, layer.stride, layer.dilation), [0, 0]
-    ret = {}
-    if w.requires_grad and layer.groups > 1:  # batch folded into the groups: one weight-gradient call
-        wshape = (n * w.shape[0], *w.shape[1:])
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            backprops.reshape(1, -1, *backprops.shape[2:]).contiguous(), x.reshape(1, -1, *x.shape[2:]).contiguous(),
-            torch.empty(wshape, dtype=w.dtype, device=w.device), None, list(layer.stride), padding,
-            list(layer.dilation), False, [0, 0], n * layer.groups, [False, True, False])
-        ret[w] = gw.view(n, *w.shape)
-    elif w.requires_grad:  # im2col: [n, C_out, L] x [n, C_in * k, L] -> [n, C_out, C_in * k]
-        if tuple(layer.kernel_size) == (1, 1) and padding == [0, 0]:  # pointwise: im2col is a (costly) copy
-            cols = x[:, :, ::layer.stride[0], ::layer.stride[1]].reshape(n, x.shape[1], -1)
-        else:
-            cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
-        ret[w] = torch.bmm(backprops.reshape(n, w.shape[0], -1), cols.transpose(1, 2)).view(n, *w.shape)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.reshape(n, layer.out_channels, -1).sum(-1)
-    return ret
-
-
-def _hooks(model: nn.Module, grad_sampler: str):
-    from opacus.grad_sample.grad_sample_module import GradSampleHooks
-
-    class Hooks(GradSampleHooks):
-        GRAD_SAMPLERS = dict(GradSampleHooks.GRAD_SAMPLERS)
-
-    if grad_sampler == "dvlib":
-        from timm.layers import Conv2dSame
-
-        Hooks.GRAD_SAMPLERS.update({nn.Conv2d: conv2d_grad_sample, Conv2dSame: conv2d_grad_sample})
-    try:  # loss summed over the batch: each image's gradient is its own; strict: no trainable buffers
-        return Hooks(model, loss_reduction="sum", strict=True, force_functorch=grad_sampler == "functorch")
-    except NotImplementedError as e:
-        raise DvlibError(f"Opacus cannot compute per-image gradients for this model: {e}") from e
-
-
 @functools.lru_cache(maxsize=64)
 def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                      accountant: str = "rdp") -> float:
@@ -163,6 +112,8 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     (a binary search over the accountant: seconds, hence cached)."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    # Opacus' search starts at noise 10 and returns it for an infinite target: refuse rather than mislabel
+    check_epsilon(target_epsilon, "target_epsilon")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Optimal order is the", UserWarning)
@@ -197,8 +148,10 @@ def fit_dp(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torc
     """Fine-tune ``model`` in place with DP-SGD (Adam on the noisy clipped gradients) to
     (``target_epsilon``, ``delta``)-DP; returns per-epoch rows with the epsilon spent so far.
 
-    ``trainable``: see :func:`select_trainable`. ``class_weight`` multiplies each image's loss before
-    clipping. ``grad_sampler``: ``"dvlib"`` (:func:`conv2d_grad_sample`), ``"opacus"`` or ``"functorch"``.
+    ``delta``: default 1/n (n: the training images), else below ``DELTA_FACTOR / n``
+    (:mod:`dvlib.privacy_budget`). ``trainable``: see :func:`select_trainable`. ``class_weight``
+    multiplies each image's loss before clipping. ``grad_sampler``: ``"dvlib"``
+    (:func:`~dvlib.studies.privacy.grad_sample.conv2d_grad_sample`), ``"opacus"`` or ``"functorch"``.
     Hooks are attached to ``model`` itself (Opacus' non-wrapping GradSampleHooks, not GradSampleModule,
     whose state dict keys carry a ``_module.`` prefix). Afterwards ``model`` is a plain module again
     (no hooks, no Opacus attributes, original ``requires_grad``), in eval mode, with its BatchNorm
@@ -216,14 +169,12 @@ def fit_dp(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torc
         raise DvlibError(f"fit_dp: {n} rows but {len(labels)} labels")
     if not 1 <= batch_size <= n:
         raise DvlibError(f"batch_size must be in 1..{n} (the training images), got {batch_size}")
-    if epochs < 1 or not target_epsilon > 0 or not max_grad_norm > 0:
-        raise DvlibError(f"need epochs >= 1, target_epsilon > 0, max_grad_norm > 0; got {epochs}, "
-                         f"{target_epsilon}, {max_grad_norm}")
+    target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+    if epochs < 1 or not max_grad_norm > 0:
+        raise DvlibError(f"need epochs >= 1 and max_grad_norm > 0; got {epochs}, {max_grad_norm}")
     if grad_sampler not in GRAD_SAMPLERS:
         raise DvlibError(f"grad_sampler must be one of {', '.join(GRAD_SAMPLERS)}, got {grad_sampler!r}")
-    delta = 1.0 / n if delta is None else float(delta)
-    if not 0 < delta < 1:
-        raise DvlibError(f"delta must be in (0, 1), got {delta}")
+    delta = resolve_delta(delta, n)
     device = torch.device(device)
     q = batch_size / n
     steps_per_epoch = max(1, round(n / batch_size))
@@ -238,7 +189,7 @@ def fit_dp(model: nn.Module, cache: ImageCache, rows: torch.Tensor, labels: torc
             ModuleValidator.validate(model, strict=True)
         except Exception as e:  # opacus.validators.errors.UnsupportedModuleError
             raise DvlibError(f"Opacus rejects this model: {e}") from e
-        hooks = _hooks(model, grad_sampler)
+        hooks = grad_sample_hooks(model, grad_sampler)
         hooks.forbid_grad_accumulation()  # Poisson sampling: one backward per step
         sigma = noise_multiplier(target_epsilon, delta, q, epochs * steps_per_epoch, accountant)
         torch.manual_seed(seed)

@@ -3,7 +3,7 @@
 One row per (job, round, hospital). ``round`` is ``1``..``R`` for training rounds, ``restore.<i>``
 for the i-th sequential restore visit, ``final`` for sending the final model to every hospital
 (the evaluation message; its reply is not counted: it exists only to score the model). Bytes are
-:meth:`flwr.app.ArrayRecord.count_bytes` of what was sent (see :mod:`dvlib.federated.records`).
+:meth:`flwr.app.ArrayRecord.count_bytes` of what was sent (see :mod:`dvlib.studies.federated.records`).
 """
 from __future__ import annotations
 

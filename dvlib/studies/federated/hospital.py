@@ -79,7 +79,7 @@ class Hospital:
     def model(self, state: Mapping[str, torch.Tensor]) -> models.DVNet:
         """A network holding ``state`` (the replicate's reusable one for a simulated hospital)."""
         if self.replicate is not None:
-            return self.replicate.model_from(dict(state))
+            return self.replicate.model_from(dict(state), shared=True)
         s = self.settings
         net = models.build(s.arch, len(self.local.classes), weights="random", head=s.head)
         net.pretrained_sha256 = self.pretrained()[1]
@@ -110,7 +110,7 @@ def open_hospital(node_config: Mapping, cfg: Mapping) -> Hospital:
     or dataset; optional ``manifest``, ``hospital``, ``site``, ``split-seed``, ``test-frac``) or
     ``run`` (a run folder; hospital ``partition-id + 1``); without either, the server's ``run-dir``
     (simulation); ``device`` overrides the server's. ``cfg``: the server's settings (``settings``, ``classes``, seeds, ``device``)."""
-    from dvlib.train import resolve_device
+    from dvlib.device import resolve_device
 
     settings = stages.TrainSettings(**json.loads(cfg["settings"]))
     classes = json.loads(cfg["classes"])
@@ -160,7 +160,7 @@ def data_vector(h: Hospital, reuse: bool = True):
     if vf is not None:
         meta = {k: v for k, v in vf.meta.items() if k not in ("format_version", "dvlib_version")}
         return vf.tau, meta, vf.path.name
-    model = h.replicate.pretrained_model() if h.replicate is not None else None
+    model = h.replicate.pretrained_model(shared=True) if h.replicate is not None else None
     tau, meta = finetune_site(h.local, h.settings, seed=h.seed(1), build_seed=h.train_seed, device=h.device,
                               model=model, preset=h.preset)
     return tau, meta, ""
@@ -184,7 +184,7 @@ def local_round(h: Hospital, start: Mapping[str, torch.Tensor], *, epochs: int, 
         return {k: v.clone() for k, v in _MEMO[key].items()}, {**info, "reused": "memory"}
     if first and epochs == h.settings.epochs and (vf := h.step02_vector()) is not None:
         pre = h.pretrained()[0]
-        state = vf.tau.apply_to({k: v for k, v in pre.items() if not k.startswith(models.HEAD_PREFIX)})
+        state = vf.tau.apply_to(models.pretrained_body(pre))
         return {k: state[k] for k in pre}, {**info, "reused": vf.path.name}
     model = h.model(start)
     hist = stages.finetune(model, h.shard("train"), settings, seed=seed, device=h.device,

@@ -1,4 +1,5 @@
-"""The ClientApp: one hospital. Flower messages in, dvlib's stages run (:mod:`dvlib.federated.hospital`), records out.
+"""The ClientApp (``app``): one hospital. Flower messages in, dvlib's stages run
+(:mod:`dvlib.studies.federated.hospital`), records out.
 
 Message types:
 
@@ -25,13 +26,15 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from dvlib.federated import hospital as hosp
-from dvlib.federated.records import (
+from dvlib.studies.federated import hospital as hosp
+from dvlib.studies.federated.records import (
     json_record,
     record_tensors,
     tensors_record,
     vector_record,
 )
+
+app = ClientApp()
 
 
 def local_key(job: str) -> str:
@@ -64,6 +67,7 @@ def _model_state(msg: Message, context: Context, h, job: str) -> tuple[dict, lis
     return {k: received[k] if k in received else own[k] for k in pre}, list(received)
 
 
+@app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, h = _setup(msg, context)
     reuse = bool(cfg.get("reuse", True))
@@ -86,6 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.train("restore")
 def restore(msg: Message, context: Context) -> Message:
     from dvlib.vectors import BN_STAT, COUNTER, key_kinds
 
@@ -100,6 +105,7 @@ def restore(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     import numpy as np
     import torch
@@ -120,6 +126,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
 def warmup(msg: Message, context: Context) -> Message:
     """Open this hospital's images and build its model now (a simulation actor keeps both)."""
     _, h = _setup(msg, context)
@@ -127,12 +134,3 @@ def warmup(msg: Message, context: Context) -> Message:
     h.model(h.pretrained()[0])
     return Message(content=RecordDict({"meta": _meta(context, h)}), reply_to=msg)
 
-
-def make_client_app() -> ClientApp:
-    """A ClientApp with the handlers above (``train``, ``train.restore``, ``evaluate``, ``query``: warm-up)."""
-    app = ClientApp()
-    app.train()(train)
-    app.train("restore")(restore)
-    app.evaluate()(evaluate)
-    app.query()(warmup)
-    return app

@@ -15,7 +15,7 @@ at each R, so that FedBN's first round, identical to FedAvg's, is reused). It wr
 - ``results/federated_log.csv``: bytes and seconds per job, round and hospital (the Flower ledger);
 - ``results/federated_checks.csv``: the Flower exchange against the run's files (max |difference|).
 
-Hospitals reuse identical results where :mod:`dvlib.federated.hospital` says so (``reuse``).
+Hospitals reuse identical results where :mod:`dvlib.studies.federated.hospital` says so (``reuse``).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def data_vector_bytes(tau, state: dict, mode: str) -> dict:
     """What one hospital sends and receives in the data-vector exchange with restore ``mode``: its
     vector once; per restore pass the current model down and what the visit changed up (BatchNorm
     statistics for ``recalibrate``, everything for a training visit); the final model down."""
-    from dvlib.federated.records import state_bytes, vector_bytes
+    from dvlib.studies.federated.records import state_bytes, vector_bytes
     from dvlib.vectors import BN_STAT, COUNTER, key_kinds
 
     kinds = key_kinds(state)
@@ -93,7 +93,7 @@ def _max_diff(a: dict, b: dict) -> tuple[float, bool]:
 def _checks(r, res: dict, restore_mode: str) -> list[dict]:
     """The Flower data-vector exchange against the run's own merged (and restored) model files, and
     FedAvg R = 1 against the run's sample-weighted merge, when those files exist."""
-    from dvlib.experiment.steps import restored_tag
+    from dvlib.experiment.restoring import restored_tag
     from dvlib.files import load_model
 
     out = []
@@ -145,9 +145,9 @@ def step_federated(run: Run, methods: Sequence[str] = FED_METHODS, rounds: Seque
     ``actors``: hospitals training at once; ``raw`` receives {(split seed, training seed): {job:
     result}}, the ServerApp's results with the final weights (tests)."""
     from dvlib.experiment import replicate
-    from dvlib.experiment.steps import write_predictions
-    from dvlib.federated.evaluation import rows_from_parts
-    from dvlib.federated.simulation import simulate
+    from dvlib.experiment.records import write_predictions
+    from dvlib.studies.federated.evaluation import rows_from_parts
+    from dvlib.studies.federated.simulation import simulate
 
     bad = [m for m in methods if m not in FED_METHODS]
     if bad:

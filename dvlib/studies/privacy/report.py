@@ -6,7 +6,7 @@ AUCs are shown as fractions (0.5 = chance), TPRs in percent. A cell is, with one
 estimate and its 95 % patient-bootstrap interval; with several, the mean over replicates (split seed
 x training seed) and its 95 % t-interval, beside how many replicates' bootstrap intervals contain
 0.5. Numbers are never shown without an interval. The plain-language summary:
-:mod:`dvlib.reporting.privacy_summary`; the figures: :mod:`dvlib.reporting.privacy_figures`.
+:mod:`dvlib.studies.privacy.summary`; the figures: :mod:`dvlib.studies.privacy.figures`.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """The privacy audit in plain words: what a hospital should conclude, written from the result files
-(:mod:`dvlib.reporting.privacy` makes the tables and figures from the same files)."""
+(:mod:`dvlib.studies.privacy.report` makes the tables and figures from the same files)."""
 from __future__ import annotations
 
 import pandas as pd
 
 from dvlib import stats
-from dvlib.reporting.privacy import (mean_cell, model_label, _n_replicates, _nonprivate, _order, primary)
+from dvlib.studies.privacy.report import (mean_cell, model_label, _n_replicates, _nonprivate, _order, primary)
 from dvlib.reporting.tables import REPLICATE, load_results, results_dir
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dvlib.io import DvlibError
+from dvlib.privacy_budget import check_n_boot
 
 FPRS = (0.01, 0.001)
 
@@ -186,8 +187,7 @@ def audit(scores, is_member, groups=None, n_boot: int = 1000, seed: int = 0, con
     (members and non-members separately; whole groups when ``groups`` gives each image's patient)."""
     s, m = _check(scores, is_member)
     fprs = tuple(_check_fpr(f) for f in fprs)
-    if n_boot < 10:
-        raise DvlibError(f"n_boot must be >= 10, got {n_boot}")
+    n_boot = check_n_boot(n_boot)
     if not 0 < confidence < 1:
         raise DvlibError(f"confidence must be in (0, 1), got {confidence!r}")
     g = np.arange(s.size) if groups is None else np.asarray(groups)
