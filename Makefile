@@ -12,7 +12,7 @@ PRESET   ?= quick
 DATASET  ?= pad_ufes_20
 RUN      ?= $(PRESET)-$(DATASET)
 
-.PHONY: venv test report report-noniid report-seeds report-federated report-privacy readme-results smoke notebooks lab bench clean
+.PHONY: venv test report report-noniid report-seeds report-federated report-privacy report-across readme-results smoke notebooks lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -72,6 +72,12 @@ report-federated: report-seeds
 	wait $$iid && test $$dir = 0
 	$(PY) tools/federated_schemes.py $(NOISE_RUN)-iid $(NOISE_RUN)-dirichlet0.5 --out reports/federated-$(DATASET)
 
+# the claims across datasets (issue 26), from the two committed reports' result files alone, after both
+# `make report` and `make report DATASET=odir_fundus`
+ACROSS_RUNS ?= reports/$(PRESET)-pad_ufes_20 reports/$(PRESET)-odir_fundus
+report-across: venv
+	$(PY) tools/claims_across.py $(ACROSS_RUNS) --out reports/across
+
 # the README's results block, from the committed reports' files alone
 readme-results: venv
 	$(PY) tools/readme_results.py
@@ -83,13 +89,13 @@ bench: venv
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_merge.py
 
-# regenerate notebooks/ from tools/make_notebooks.py (refuses if you edited one; FORCE=1 overrides) and store
-# the smoke outputs nbval compares; progress goes to /dev/null so the committed copies stay clean
+# the notebooks are their own source: re-execute them in place (smoke preset, in order: each reads the files of
+# the one before) to refresh the stored outputs nbval compares; progress goes to /dev/null so they stay clean
 notebooks: venv
-	$(PY) tools/make_notebooks.py $(if $(FORCE),--force,)
 	DVLIB_PROGRESS_FILE=/dev/null $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.record_timing=False notebooks/0*.ipynb
 
-# the notebooks in JupyterLab, with the data and the project's kernel (progress as widget bars)
+# the notebooks in JupyterLab, with the data and the project's kernel (progress as widget bars); a relative
+# DVLIB_DATA is read from the project root, wherever the kernel starts
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 

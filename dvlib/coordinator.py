@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from dvlib import merging, models
+from dvlib import custody, merging, models, screening
 from dvlib.checks import bare_name, fail, layout_problems, same_file
 from dvlib.files import BUILTIN_WEIGHTS, VectorFile, is_vector_file, load_model, load_vector, save_model
 from dvlib.io import DvlibError, check_writable
@@ -39,11 +39,21 @@ def load_vectors(paths: Sequence[str | os.PathLike]) -> list[VectorFile]:
         except DvlibError as e:
             problems += _lines(e)
     seen: dict[str, Path] = {}
+    contents: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
     for vf in vfs:
         first = seen.setdefault(vf.sha256, vf.path)
         if first is not vf.path:
             how = "given twice" if first.resolve() == vf.path.resolve() else f"the same bytes as {first}"
             problems.append(f"{vf.path}: {how}; each site counts once")
+            continue
+        # a changed metadata byte or a new label does not make another site
+        twin = contents.setdefault(screening.content_sha256(vf.tau), vf.path)
+        if twin is not vf.path:
+            problems.append(f"{vf.path}: the same tensors as {twin} (whatever the metadata says); each site counts once")
+        site = vf.meta.get("site")
+        if site is not None and labels.setdefault(site, vf.path) is not vf.path:
+            problems.append(f"{vf.path}: site label {site!r} is also the label of {labels[site]}; each site counts once")
     ref = vfs[0] if vfs else None
     for vf in vfs[1:]:
         for k in SAME:
@@ -103,6 +113,16 @@ def fit_problems(tensors: dict, model: models.DVNet, where: str) -> list[str]:
     return layout_problems([model.state_dict(), tensors], [f"the {model.arch} network of the metadata", where])
 
 
+def count_problems(vf: VectorFile) -> list[str]:
+    """A site's sample count must be what its class counts add up to (the weight it claims)."""
+    counts = vf.meta.get("train_class_counts")
+    if not isinstance(counts, dict):
+        return [f"{vf.path}: metadata lacks 'train_class_counts', so its sample_count {vf.sample_count} cannot be checked"]
+    total = sum(counts.values())  # each a non-negative integer (dvlib.metadata)
+    return [] if total == vf.sample_count else \
+        [f"{vf.path}: sample_count {vf.sample_count} is not the sum of its train_class_counts ({total})"]
+
+
 def merge_warnings(vfs: Sequence[VectorFile]) -> list[str]:
     """What differs between mergeable files without making the merge wrong, for the reader."""
     out = []
@@ -120,11 +140,14 @@ def merge_warnings(vfs: Sequence[VectorFile]) -> list[str]:
 
 def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, method: str = "data_vector",
                 lam: float | None = None, bn_buffers: str = "mean", seed: int = 0, weights: str | None = None,
-                weights_dirs: Sequence[str | os.PathLike] = (), pretrained=None, **opts) -> dict:
+                weights_dirs: Sequence[str | os.PathLike] = (), pretrained=None, keep_outliers: bool = False,
+                **opts) -> dict:
     """Merge site vector files into one model file (``dvlib merge``); returns its metadata.
 
     ``pretrained``: the already rebuilt pretrained model (the simulation keeps one), checked like a
-    rebuilt one. Method ``weighted`` weighs the sites by their training sample counts.
+    rebuilt one. Method ``weighted`` weighs the sites by their training sample counts. The inputs
+    are screened first (:mod:`dvlib.screening`): an outlier is refused unless ``keep_outliers``;
+    the statistics are kept in the metadata (``screening``); the screen never changes the weights.
     """
     out = check_out(out, [*paths, *([weights] if weights and weights not in BUILTIN_WEIGHTS else [])],
                     "the merged model")
@@ -137,10 +160,20 @@ def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     # the files agree with each other (load_vectors): the first fitting the network makes the merge fit it
     fail(fit_problems(vfs[0].tau.tensors, model, str(vfs[0].path)),
          "a vector file does not fit its metadata; nothing was written")
+    pre = model.state_dict()
+    fail([line for vf in vfs for line in count_problems(vf)], "cannot merge: counts that do not add up")
+    report_in = screening.screen([f"{vf.path} (site {vf.meta.get('site')!r})" for vf in vfs], [vf.tau for vf in vfs],
+                                 pre, keep_outliers=keep_outliers)
+    for s, vf in zip(report_in["sites"], vfs):  # the file records names, never the coordinator's paths
+        s["label"] = f"{vf.path.name} (site {vf.meta.get('site')!r})"
+    report_in["kept_outliers"] = [s["label"] for s in report_in["sites"] if s["outlier"]]
     counts = [vf.sample_count for vf in vfs]
-    state, report = merging.merge(model.state_dict(), [vf.tau for vf in vfs], method=method, lam=lam,
+    state, report = merging.merge(pre, [vf.tau for vf in vfs], method=method, lam=lam,
                                   bn_buffers=bn_buffers, seed=seed, weights=counts if method == "weighted" else None,
                                   **opts)
+    report_in["effective_step"] = screening.effective_step(state, pre, [vf.tau for vf in vfs])
+    step_note = screening.step_warning(report_in["effective_step"], method, report["lam"], len(vfs))
+    report_in["effective_step_warning"] = step_note
     splits = {json.dumps(vf.meta.get("split"), sort_keys=True) for vf in vfs}
     meta = {k: ref[k] for k in ("arch", "head", "build_seed", "classes", "pretrained_sha256", "image_size")}
     meta.update(kind="merged", weights=ref["weights"] if not weights else
@@ -154,7 +187,9 @@ def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
                 # exact zeros are legitimate (dead channels of the pretrained network); recorded for the reader
                 zero_variance_layers=sorted(k for k, v in state.items() if k.endswith("running_var") and v.numel()
                                             and float(v.min()) == 0.0),
-                restore_visits=[], warnings=merge_warnings(vfs))
+                restore_visits=[], warnings=merge_warnings(vfs) + ([step_note] if step_note else []),
+                screening=report_in)
+    meta["custody"] = custody.record(state)  # site restore binds to it
     save_model(out, state, meta)
     return meta
 

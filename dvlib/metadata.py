@@ -37,6 +37,33 @@ def _label(v: Any, what: str, where: str) -> list[str]:
     return [f"{where}: {why}"] if why else []
 
 
+def _count_problems(meta: Mapping[str, Any], where: str) -> list[str]:
+    """Counts are non-negative integers, class counts name classes, metrics lie in [0, 1] (NaN: undefined)."""
+    from dvlib.metrics import METRICS
+
+    p = _int_problem(meta, "test_count", 0, MAX_COUNT, where)
+    counts = meta.get("train_class_counts")
+    if counts is not None:
+        classes = meta.get("classes") if isinstance(meta.get("classes"), list) else []
+        if not isinstance(counts, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                   and 0 <= v <= MAX_COUNT for v in counts.values()):
+            p.append(f"{where}: metadata 'train_class_counts' must map classes to integers in [0, {MAX_COUNT}], "
+                     f"got {_short(counts)}")
+        elif set(counts) - set(map(str, classes)):
+            p.append(f"{where}: metadata 'train_class_counts' names classes not in 'classes': "
+                     f"{_short(sorted(set(counts) - set(map(str, classes))))}")
+    metrics = meta.get("metrics")
+    if isinstance(metrics, dict):
+        for k, v in metrics.items():
+            if k in METRICS and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                 or not (math.isnan(v) or 0.0 <= v <= 1.0)):
+                p.append(f"{where}: metadata 'metrics.{k}' must be a number in [0, 1], got {_short(v)}")
+            elif k in ("n", "nonfinite_outputs") and (isinstance(v, bool) or not isinstance(v, int)
+                                                      or not 0 <= v <= MAX_COUNT):
+                p.append(f"{where}: metadata 'metrics.{k}' must be an integer in [0, {MAX_COUNT}], got {_short(v)}")
+    return p
+
+
 def _section_problems(meta: Mapping[str, Any], where: str) -> list[str]:
     """The optional fields later commands read: each of the type they expect, or absent/None."""
     p: list[str] = []
@@ -88,6 +115,7 @@ def _section_problems(meta: Mapping[str, Any], where: str) -> list[str]:
                         or label_problem(v.get("site"), "site"):
                     p.append(f"{where}: metadata 'restore_visits[{i}]' needs 'site' (a label), 'mode' (a string), "
                              f"'images' (an integer >= 0) and 'reset' (true/false), got {_short(v)}")
+    p += _count_problems(meta, where)
     for key in ("warnings", "history"):
         if meta.get(key) is not None and not isinstance(meta[key], list):
             p.append(f"{where}: metadata '{key}' must be a list, got {_short(meta[key])}")

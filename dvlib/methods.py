@@ -207,6 +207,56 @@ def ties(taus: Sequence["DataVector"], *, lam: float, density: float = 0.2, scop
     return lam * mean.with_params({k: v.view(movements[0][k].shape) for k, v in merged.items()})
 
 
+def robust_vector(taus: Sequence["DataVector"], lam: float, centre: Callable) -> "DataVector":
+    """``lam * N * centre(tau_i)`` for the movement, ``centre`` of the heads and BatchNorm statistics
+    (a robust mean equals the mean on identical vectors, so this is the data vector there), the
+    largest counter; ``centre`` maps a (N, ...) stack to its element-wise statistic."""
+    import torch
+
+    from dvlib.vectors import COUNTER, PARAM, DataVector
+
+    total = sum(taus)  # checks the layouts, as every method's arithmetic does
+    out = {}
+    for k, kind in total.kinds.items():
+        if kind == COUNTER:
+            out[k] = total.tensors[k]
+            continue
+        stack = torch.stack([t.part(kind)[k].double() for t in taus])
+        value = centre(stack) * (lam * len(taus) if kind == PARAM else 1.0)
+        out[k] = value.to(torch.float64 if total.tensors[k].dtype == torch.float64 else torch.float32)
+    return DataVector(out, total.kinds)
+
+
+@register("median", "Median", "theta_pre + lam * N * median_i tau_i (element-wise; heads and BN statistics: "
+          "their median)", 0.5, "as for data_vector (lam * N * median = lam * sum on identical vectors)",
+          "coordinate-wise median: Yin et al. 2018, https://arxiv.org/abs/1803.01498; Flower's FedMedian",
+          lam_from_run=True)
+def median(taus: Sequence["DataVector"], *, lam: float, **_) -> "DataVector":
+    """The two middle values averaged for an even count (numpy's median): two sites give their mean."""
+    def centre(s):
+        v = s.sort(dim=0).values
+        return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+    return robust_vector(taus, lam, centre)
+
+
+def trim_count(n: int, trim: float) -> int:
+    """Sites cut from each end: ``ceil(trim * n)``, at most ``(n - 1) // 2`` so one is always kept."""
+    return min(math.ceil(round(trim * n, 9)), (n - 1) // 2)
+
+
+@register("trimmed_mean", "Trimmed Mean", "theta_pre + lam * N * trimmed_mean_i tau_i (element-wise, "
+          "ceil(trim * N) cut from each end; heads and BN statistics: their trimmed mean)", 0.5,
+          "as for data_vector (lam * N * trimmed mean = lam * sum on identical vectors)",
+          "Yin et al. 2018, https://arxiv.org/abs/1803.01498; Flower's FedTrimmedAvg", lam_from_run=True, trim=0.2)
+def trimmed_mean(taus: Sequence["DataVector"], *, lam: float, trim: float = 0.2, **_) -> "DataVector":
+    trim = finite_number(trim, "trimmed_mean: trim", low=0.0)
+    if trim >= 0.5:
+        raise DvlibError(f"trimmed_mean: trim must be in [0, 0.5), got {trim!r}")
+    k = trim_count(len(taus), trim)
+    return robust_vector(taus, lam, lambda s: s.sort(dim=0).values[k:len(s) - k].mean(dim=0))
+
+
 def table() -> str:
     """The registry as a Markdown table (docs/methods.md, README)."""
     rows = ["| method | label | formula | lambda | options | reference |", "|---|---|---|---|---|---|"]

@@ -122,12 +122,41 @@ def _run_notebook(src: Path, out_nb: Path, parameters: dict, cwd: Path, logfile:
         raise failure[0]
 
 
+TEST_MARKER = "# NBVAL_"  # nbval's cell markers (# NBVAL_CHECK_OUTPUT ...): for the tests, not the reader
+
+
+def notebook_title(nb, fallback: str) -> str:
+    """The notebook's ``metadata.title``, else its first Markdown heading, else ``fallback``."""
+    title = nb.metadata.get("title")
+    if title:
+        return str(title)
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            for line in c.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    return fallback
+
+
+def for_readers(nb):
+    """A copy of ``nb`` with the test markers taken out of the code cells (the notebook file keeps them)."""
+    import copy
+
+    nb = copy.deepcopy(nb)
+    for c in nb.cells:
+        if c.cell_type == "code" and TEST_MARKER in c.source:
+            c.source = "\n".join(line for line in c.source.split("\n") if not line.lstrip().startswith(TEST_MARKER))
+    return nb
+
+
 def to_html(notebook: str | os.PathLike) -> Path:
+    """``<notebook>.html`` beside it, titled after the notebook, without the test markers."""
     import nbformat
     from nbconvert import HTMLExporter
 
     from dvlib.io import write_text
 
     nb = nbformat.read(str(notebook), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    title = notebook_title(nb, Path(notebook).stem)
+    body, _ = HTMLExporter().from_notebook_node(for_readers(nb), resources={"metadata": {"name": title}})
     return write_text(Path(notebook).with_suffix(".html"), body)

@@ -181,6 +181,8 @@ def _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps,
         log(f"[run ] {name} ...")
         t0 = time.perf_counter()
         step_params = {**params, **{k: v for k, v in (notebook_params or {}).items() if k in declared[name]}}
+        if "lam" in declared[name]:  # 03's literal lam must equal the run's (open_run refuses otherwise)
+            step_params["lam"] = the_run.preset.lam
         try:
             execute(nb_dir / f"{name}.ipynb", reports, name, step_params, nb_dir, log)
         except DvlibError as e:

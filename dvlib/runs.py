@@ -185,8 +185,9 @@ def _wanted(stored: dict | None, preset: str | None, overrides: dict, cfg_path: 
 
 def open_run(name: str, preset: str | None = None, *, seeds: Sequence[int] | None = None,
              train_seeds: Sequence[int] | None = None, root: str | os.PathLike | None = None,
-             device: str = "auto", overwrite: bool = False, **overrides) -> Run:
-    """Open run ``name``, creating it from ``preset`` + ``overrides`` if it does not exist.
+             device: str = "auto", overwrite: bool = False, step: str | None = None, **overrides) -> Run:
+    """Open run ``name``, creating it from ``preset`` + ``overrides`` if it does not exist; ``step``
+    (a notebook's name) refuses, in one line saying what to run first, a run without its inputs.
 
     An existing run keeps its settings: a ``preset`` or override given must equal the stored one,
     else the call is refused, unless ``overwrite`` (the run is started afresh) or the run holds no
@@ -225,7 +226,12 @@ def open_run(name: str, preset: str | None = None, *, seeds: Sequence[int] | Non
     split_seeds = list(seeds) if seeds else (_seeds_on_disk(run_dir, "split_*") or [0])
     first = run_dir / f"split_{split_seeds[0]}"
     train = list(train_seeds) if train_seeds else (_seeds_on_disk(first, "train_*") or [p["seed"]])
-    return Run(name, root, settings, [int(s) for s in split_seeds], [int(t) for t in train], device)
+    run = Run(name, root, settings, [int(s) for s in split_seeds], [int(t) for t in train], device)
+    if step is not None:
+        from dvlib.step_inputs import require
+
+        require(run, step)
+    return run
 
 
 @contextlib.contextmanager

@@ -80,14 +80,33 @@ def current_accumulation(visits: list[dict]) -> list[dict]:
     return out
 
 
+def check_split(meta: dict, local: LocalData, where) -> None:
+    """A hospital's split is its own: refuse a model file that records another one for this site."""
+    rec = meta.get("split")
+    if rec is not None and rec != local.split:
+        raise DvlibError(f"{where}: records the split {rec}, but site {local.label!r} splits its images as "
+                         f"{local.split}; a model file never chooses a hospital's split (its test images could "
+                         "be used): give this site's own --split-seed/--test-frac or --manifest")
+
+
+def restored_meta(meta: dict, visits: list[dict]) -> dict:
+    """The model's record after ``visits`` (the merged model's record, plus the visits)."""
+    return {**{k: v for k, v in meta.items() if k not in ("format_version", "dvlib_version")}, "kind": "restored",
+            "restore_visits": visits, "bn_images": sum(v["images"] for v in current_accumulation(visits))}
+
+
 def restore_site(model_path: str | os.PathLike, local: LocalData, out: str | os.PathLike, *,
                  mode: str = "recalibrate", seed: int = 0, subset: str = "train", batch_size: int | None = None,
                  image_size: int | None = None, lr: float | None = None, device="auto",
-                 allow_revisit: bool = False, progress: bool = False, model=None, meta: dict | None = None) -> dict:
+                 allow_revisit: bool = False, progress: bool = False, model=None, meta: dict | None = None,
+                 merged_sha256: str | None = None) -> dict:
     """One restore visit at this site (:func:`dvlib.restore.visit`); writes a model file recording
     every visit so far. ``recalibrate`` resets the statistics on the first visit (or the first after
     a training visit) and continues their cumulative average on later ones. ``model``/``meta``: the
-    model already in memory (the simulation); otherwise it is read from ``model_path``."""
+    model already in memory (the simulation); otherwise it is read from ``model_path``. The model
+    must be the merged one as earlier visits left it (:func:`dvlib.custody.verify`; ``merged_sha256``:
+    the hash the coordinator announced), with no split other than this site's."""
+    from dvlib import custody
     from dvlib.device import resolve_device
 
     if mode not in restore.VISITS:
@@ -101,6 +120,11 @@ def restore_site(model_path: str | os.PathLike, local: LocalData, out: str | os.
         raise DvlibError(f"{model_path}: a site vector file; restore a merged model (`dvlib merge`)")
     if list(meta["classes"]) != list(local.classes):
         raise DvlibError(f"{local.label}: classes {local.classes} differ from the model's {meta['classes']}")
+    where = model_path if model_path is not None else "the model"
+    if subset != "all":
+        check_split(meta, local, where)
+    before = custody.key_sha256(model.state_dict())
+    custody.verify(meta, model.state_dict(), str(where), expected=merged_sha256, digests=before)
     visits = list(meta.get("restore_visits") or [])
     reset = not visits or visits[-1].get("mode") != "recalibrate"
     if mode == "recalibrate" and not reset and not allow_revisit:
@@ -124,9 +148,9 @@ def restore_site(model_path: str | os.PathLike, local: LocalData, out: str | os.
         fail([f"'{k}' holds {what}" for k, what in bad.items()],
              f"{model_path}: the {mode} visit at site {local.label!r} gives a model that is not finite; "
              "nothing was written")
+    rec.update(custody.visit_record(before, model.state_dict(), mode))  # the next visit checks against it
     visits.append(rec)
-    new = {**{k: v for k, v in meta.items() if k not in ("format_version", "dvlib_version")}, "kind": "restored",
-           "restore_visits": visits, "bn_images": sum(v["images"] for v in current_accumulation(visits))}
+    new = restored_meta(meta, visits)
     if out is not None:
         save_model(out, {k: v.detach().cpu() for k, v in model.state_dict().items()}, new)
     return new
@@ -148,6 +172,8 @@ def evaluate_sites(model_path: str | os.PathLike, locals_: Sequence[LocalData], 
     for d in locals_:
         if list(d.classes) != list(meta["classes"]):
             raise DvlibError(f"{d.label}: classes {d.classes} differ from the model's {meta['classes']}")
+        if subset != "all":
+            check_split(meta, d, model_path)
     size = integer(image_size if image_size is not None else meta["image_size"], "image size", low=1,
                    high=MAX_IMAGE_SIZE)
     batch_size = integer(batch_size, "batch size", low=1)
@@ -197,11 +223,13 @@ def format_metrics(m: dict) -> str:
 
 
 __all__ = [
+    "check_split",
     "current_accumulation",
     "evaluate_sites",
     "evaluation_paths",
     "finetune_site",
     "format_metrics",
     "restore_site",
+    "restored_meta",
     "write_evaluation",
 ]

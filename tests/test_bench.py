@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dvlib.methods import METHODS
 from dvlib.metrics import compute_metrics
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
@@ -95,12 +96,13 @@ def test_quick_protocol_numbers(quick_result):
     assert all(_positive(p["steps_s"][s]) for s in STEPS) and _positive(p["open_run_s"])
     assert _positive(p["total_s"]) and p["total_s"] >= sum(p["steps_s"].values()) * 0.999
     assert p["finetune_images"] > 0 and _positive(p["finetune_step_img_per_s"])
-    # 2 hospitals: 3 fine-tuned models; merge: 6 methods + 11 lambdas + 3 BN policies; restore: 7 x 3
+    # 2 hospitals: 3 fine-tuned models; merge: every registered method + 11 lambdas + 3 BN policies;
+    # restore: (the methods + the pretrained model) x 3 restore modes
     ev = p["evaluations"]
     rows_per_eval = p["n_hospitals"] + 1
     assert ev["finetune_eval"] == 3 * rows_per_eval
-    assert ev["merge_eval"] == 6 * rows_per_eval and ev["lambda_eval"] == 11 * rows_per_eval
-    assert ev["bn_policy_eval"] == 3 * rows_per_eval and ev["restore_eval"] == 21 * rows_per_eval
+    assert ev["merge_eval"] == len(METHODS) * rows_per_eval and ev["lambda_eval"] == 11 * rows_per_eval
+    assert ev["bn_policy_eval"] == 3 * rows_per_eval and ev["restore_eval"] == (len(METHODS) + 1) * 3 * rows_per_eval
 
 
 def test_quick_protocol_work_and_floor(quick_result):
@@ -109,7 +111,7 @@ def test_quick_protocol_work_and_floor(quick_result):
     assert w["split"]["train_images"] == w["split"]["forward_images"] == 0
     assert w["finetune"]["train_images"] == p["finetune_images"]  # fit's own count, every epoch of every model
     test_images = p["images"] - p["train_images"]
-    for step, n in (("merge", 6), ("lambda", 11), ("bn_policy", 3)):
+    for step, n in (("merge", len(METHODS)), ("lambda", 11), ("bn_policy", 3)):
         assert w[step]["evaluations_computed"] + w[step]["evaluations_reused"] == n, step
         assert w[step]["forward_images"] == w[step]["evaluations_computed"] * test_images, step
         assert w[step]["train_images"] == w[step]["recalibration_images"] == 0, step
@@ -117,9 +119,11 @@ def test_quick_protocol_work_and_floor(quick_result):
     # merged_data_vector; restore 'none' of each merged model is that model
     assert w["lambda"]["evaluations_reused"] >= 1 and w["bn_policy"]["evaluations_reused"] >= 1
     r = w["restore"]
-    assert r["evaluations_computed"] + r["evaluations_reused"] == 21 and r["evaluations_reused"] >= 6
+    sources = len(METHODS) + 1  # every merged model and the pretrained one
+    assert r["evaluations_computed"] + r["evaluations_reused"] == 3 * sources
+    assert r["evaluations_reused"] >= len(METHODS)
     assert r["forward_images"] == r["evaluations_computed"] * test_images
-    assert r["recalibration_images"] == r["train_images"] == 7 * p["train_images"]  # 7 sources, every hospital once
+    assert r["recalibration_images"] == r["train_images"] == sources * p["train_images"]  # every hospital once
     assert r["recalibration_batches"] > 0 and r["train_steps"] > 0
     raw = p["raw"]
     for k in ("train_img_per_s", "eval_img_per_s", "recalibration_img_per_s"):

@@ -284,7 +284,11 @@ def test_dare_hand_computed():
 
 # -------------------------------------------------------------------------- heads, BN, counters
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+ROBUST = {"median": lambda s: s.median(0).values if len(s) % 2 else s.sort(0).values[len(s) // 2 - 1:][:2].mean(0),
+          "trimmed_mean": lambda s: s.sort(0).values[1:-1].mean(0)}  # 3 models, trim 0.2: one cut each end
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(ROBUST)))
 def test_every_method_averages_head_keeps_keys_dtypes_and_integer_counters(models, method):
     _, pre, fts = models
     weights = [1, 2, 3] if method == "weighted" else None
@@ -299,6 +303,72 @@ def test_every_method_averages_head_keeps_keys_dtypes_and_integer_counters(model
         assert out[k].dtype == torch.int64
         assert int(out[k]) == max(int(ft[k]) for ft in fts) == 1030
     assert not any(v.data_ptr() == pre[k].data_ptr() for k, v in out.items())  # fresh tensors
+
+
+@pytest.mark.parametrize("method", sorted(ROBUST))
+def test_robust_methods_take_their_statistic_of_heads_keep_keys_dtypes_and_integer_counters(models, method):
+    _, pre, fts = models
+    out, _ = merge(pre, fts, method=method)
+    assert list(out) == list(pre)
+    assert all(out[k].dtype == pre[k].dtype and out[k].shape == pre[k].shape for k in pre)
+    for k in ("head.weight", "head.bias", "backbone.bn1.running_var"):
+        _close(out[k], ROBUST[method](torch.stack([ft[k].double() for ft in fts])), k)
+    for k in _params(pre)[:5]:
+        moves = torch.stack([ft[k].double() - pre[k].double() for ft in fts])
+        _close(out[k], pre[k].double() + 0.5 * 3 * ROBUST[method](moves), k)
+    for k in keys_of(key_kinds(pre), COUNTER):
+        assert out[k].dtype == torch.int64 and int(out[k]) == 1030
+    assert not any(v.data_ptr() == pre[k].data_ptr() for k, v in out.items())
+
+
+def _small(w, head, var, count) -> DataVector:
+    kinds = {"w": PARAM, "head.bias": HEAD, "bn.running_var": BN_STAT, "bn.num_batches_tracked": COUNTER}
+    return DataVector({"w": torch.tensor(w), "head.bias": torch.tensor(head), "bn.running_var": torch.tensor(var),
+                       "bn.num_batches_tracked": torch.tensor(count)}, kinds)
+
+
+SMALL_PRE = {"w": torch.tensor([1.0, 1.0, 1.0]), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(0)}
+SMALL = [_small([1.0, -2.0, 0.0], [0.0, 1.0], [1.0, 2.0], 3), _small([3.0, 5.0, 1000.0], [50.0, 1.0], [4.0, 8.0], 5),
+         _small([2.0, 4.0, -1.0], [1.0, 2.0], [2.0, 1e6], 4), _small([0.0, 4.0, 2.0], [2.0, 0.0], [3.0, 4.0], 1)]
+
+
+def test_median_hand_computed():
+    # three sites: movement 1 + 0.5 * 3 * median; head and BN: their median; counter: the largest
+    out, _ = merge(SMALL_PRE, SMALL[:3], method="median")
+    assert out["w"].tolist() == [1 + 1.5 * 2, 1 + 1.5 * 4, 1 + 1.5 * 0]
+    assert out["head.bias"].tolist() == [1.0, 1.0] and out["bn.running_var"].tolist() == [2.0, 8.0]
+    assert int(out["bn.num_batches_tracked"]) == 5
+    # four sites: the two middle values averaged (w: [1, 2] -> 1.5, [-2, 4, 4, 5] -> 4, [-1, 0, 1000, 2] -> 1)
+    out, _ = merge(SMALL_PRE, SMALL, method="median", lam=0.25)
+    assert out["w"].tolist() == [1 + 1.0 * 1.5, 1 + 1.0 * 4, 1 + 1.0 * 1]
+    assert out["head.bias"].tolist() == [1.5, 1.0] and out["bn.running_var"].tolist() == [2.5, 6.0]
+
+
+def test_trimmed_mean_hand_computed_and_trim_bounds():
+    from dvlib.methods import trim_count
+
+    assert [trim_count(n, 0.2) for n in (2, 3, 4, 5, 6, 10, 11)] == [0, 1, 1, 1, 2, 2, 3]
+    assert trim_count(4, 0.0) == 0 and trim_count(3, 0.49) == 1
+    out, _ = merge(SMALL_PRE, SMALL, method="trimmed_mean")  # 4 sites, trim 0.2: one cut at each end
+    assert out["w"].tolist() == [1 + 0.5 * 4 * 1.5, 1 + 0.5 * 4 * 4.0, 1 + 0.5 * 4 * 1.0]
+    assert out["head.bias"].tolist() == [1.5, 1.0]
+    out, _ = merge(SMALL_PRE, SMALL, method="trimmed_mean", trim=0.0)  # nothing cut: the data vector
+    ref, _ = merge(SMALL_PRE, SMALL, method="data_vector")
+    assert torch.equal(out["w"], ref["w"]) and torch.equal(out["head.bias"], ref["head.bias"])
+    for bad in (0.5, -0.1, float("nan")):
+        with pytest.raises(DvlibError, match="trimmed_mean: trim"):
+            merge(SMALL_PRE, SMALL, method="trimmed_mean", trim=bad)
+
+
+@pytest.mark.parametrize("method", sorted(ROBUST))
+@pytest.mark.parametrize("n", [2, 4])
+def test_robust_methods_equal_the_data_vector_on_identical_vectors(models, method, n):
+    _, pre, fts = models
+    taus = DataVector.from_models([fts[0]] * n, pre)
+    robust, rep = merge(pre, taus, method=method, lam=0.5)
+    plain, _ = merge(pre, taus, method="data_vector", lam=0.5)
+    assert list(robust) == list(plain) and all(torch.equal(robust[k], plain[k]) for k in plain), method
+    assert rep["lam"] == 0.5 and METHODS[method].lam_from_run
 
 
 def test_head_missing_from_pretrained_is_fine(models):

@@ -102,7 +102,7 @@ def test_federated_and_privacy_notebooks_run_only_when_asked(monkeypatch, tmp_pa
 
 
 def test_unknown_notebook_parameter_is_refused_before_any_notebook_runs(tmp_path):
-    with pytest.raises(DvlibError, match=r"no notebook takes the parameters \['lamdbas'\].*03_merge: lambdas, methods"):
+    with pytest.raises(DvlibError, match=r"no notebook takes the parameters \['lamdbas'\].*03_merge: lam, lambdas, methods"):
         run_chain("t-typo", "smoke", seeds=[0], device="cpu", runs_dir=str(tmp_path / "runs"),
                   reports_dir=str(tmp_path / "reports"), figures_dir=str(tmp_path / "figures"),
                   notebook_params={"lamdbas": [0.5]}, log=lambda *_: None)

@@ -29,6 +29,7 @@ from dvlib.loader import batches
 from dvlib.local import open_local
 from dvlib.models import build
 from dvlib.vectors import BN_STAT, COUNTER, HEAD, PARAM, DataVector, key_kinds, keys_of
+from tests.conftest import write_site_folders
 
 
 def load_checkpoint(path):
@@ -56,19 +57,8 @@ def _wait(proc: subprocess.Popen) -> str:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """Two site folders of synthetic PNGs (a few dozen per class each) with patients.csv."""
-    from dvlib.data import load_dataset
-    from dvlib.split import make_split
-
     root = tmp_path_factory.mktemp("multisite")
-    index = load_dataset("synthetic", n_patients=96, size=40)
-    manifest = make_split(index, n_hospitals=2, seed=0)
-    for h, part in manifest.groupby("hospital"):
-        site = root / SITES[h - 1]
-        for _, r in part.iterrows():
-            path = site / r["label"] / f"{r['image']}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(index.load_image(r["image"])).save(path)
-        part[["image", "patient"]].to_csv(site / "patients.csv", index=False)
+    write_site_folders(root, SITES, n_patients=96)
     return root
 
 

@@ -9,6 +9,7 @@ README says what the committed report says.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -47,9 +48,11 @@ def block(run: str) -> str:
              f"after the paper's restore epoch), from [`reports/{run}/results/table_accuracy.md`]"
              f"(reports/{run}/results/table_accuracy.md):", "",
              (results / "table_accuracy.md").read_text().strip(), "",
-             f"What the paired tests say (06_results; every claim, with and without each restore: "
-             f"[`claims_accuracy.md`](reports/{run}/results/claims_accuracy.md)). A difference is called only "
-             f"where the paired t-test over replicates survives Holm's correction:", "",
+             f"What the paired tests say, in accuracy and in balanced accuracy (06_results; every claim, with "
+             f"and without each restore: [`claims_accuracy.md`](reports/{run}/results/claims_accuracy.md), "
+             f"[`claims_balanced_accuracy.md`](reports/{run}/results/claims_balanced_accuracy.md)). A difference is "
+             f"called only where the paired t-test over replicates survives Holm's correction, and each interval "
+             f"is taken at the level Holm judged its claim at, so it excludes 0 exactly then:", "",
              headline(results, restore_mode="finetune_epoch"), "", headline(results, restore_mode="recalibrate"), ""]
     fig = ROOT / "figures" / run / "fig2_layerwise_cosine.png"
     if fig.exists():
@@ -60,8 +63,8 @@ def block(run: str) -> str:
         per = ", ".join(f"{s['step']} {minutes(s['seconds'])}" for s in ran)
         cpu = f"{device.get('name', '?')}, {device.get('threads', '?')} threads" if device.get("device") == "cpu" \
             else device.get("name", "?")
-        notes = "; ".join(f"{s['step']}: {s['note']}" for s in ran if s.get("note"))
-        lines += [f"Run time: {minutes(total)} in all on {cpu} ({per}){f'. Note: {notes}' if notes else ''}. Executed notebooks: "
+        # steps.json's notes stay in the report: they tell how a run went, not what a reader needs here
+        lines += [f"Run time: {minutes(total)} in all on {cpu} ({per}), pauses included. Executed notebooks: "
                   f"[`reports/{run}/`](reports/{run}/).", ""]
     return "\n".join(lines)
 
@@ -91,6 +94,10 @@ def federated_block(folder: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="*", metavar="RUN",
+                    help="committed reports to write (default: every one under reports/ with a results table)")
+    argv = ap.parse_args(argv).runs
     # the training-noise runs (make report-seeds) get their own block, not the main report's
     noise = sorted(p.parent for p in (ROOT / "reports").glob("*/scheme_gap.md"))
     skip = {"smoke"} | {f"{d.name}-" for d in noise}

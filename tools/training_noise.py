@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         if ref is not None:
             tables["against_full_training"] = against(runs, runs[ref], metric=a.metric)
         if a.split_run:
-            tables["split_variance"] = variance_table({a.split_run: results(a.split_run)}, a.metric)
+            tables["split_variance"] = variance_table({a.split_run: results(a.split_run)}, a.metric).reset_index()
         out = write_tables(a.out, tables, floatfmt=".3g")  # only once every table is computed: a refused input leaves nothing
         text = [f"# Training noise on a fixed split ({a.metric}, pooled test set)", "",
                 f"Made by `python tools/training_noise.py {a.a} {a.b}"

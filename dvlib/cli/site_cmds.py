@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 
 from dvlib import methods, restore
 from dvlib.cli.common import BATCH, FRACTION, IMAGE_SIZE, LAM, LR, POSITIVE, SEED, int_in
@@ -18,7 +20,7 @@ _DATA_HELP = ("local images: a folder with one sub-folder per class (optional pa
               "stems to patient ids), or a registered dataset name")
 
 
-def add_local_args(p: argparse.ArgumentParser, split_default: str = "recorded") -> None:
+def add_local_args(p: argparse.ArgumentParser, split_default: str = "0 and 0.2, as at site finetune") -> None:
     """Where the site's images are and how they are split into train and test."""
     p.add_argument("--data", required=True, metavar="DIR_OR_DATASET", help=_DATA_HELP)
     p.add_argument("--site", help="site label recorded in the files (default: the data folder's name)")
@@ -28,6 +30,12 @@ def add_local_args(p: argparse.ArgumentParser, split_default: str = "recorded") 
     g.add_argument("--hospital", type=int_in(0), help="with --manifest: the hospital whose rows are this site's")
     g.add_argument("--split-seed", type=SEED, help=f"seed of the patient-disjoint train/test split (default: {split_default})")
     g.add_argument("--test-frac", type=FRACTION, help=f"fraction of patients held out for testing (default: {split_default})")
+
+
+def _sha256(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hex digits)")
+    return text.strip().lower()
 
 
 def register(sub) -> None:
@@ -82,6 +90,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--allow-revisit", action="store_true",
                    help="let a site label contribute twice to the same BatchNorm statistics")
+    p.add_argument("--merged-sha256", type=_sha256, metavar="HEX",
+                   help="the merged weights' sha256 the coordinator announced (custody.sha256 in `dvlib inspect` "
+                        "of the merged file): the file's chain of custody must start from it")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("merge", help="coordinator: merge site data-vector files into one model file",
@@ -101,6 +112,9 @@ def register(sub) -> None:
     p.add_argument("--weights-dir", action="append", default=[], metavar="DIR",
                    help="a folder to look in for the weights file the sites name (never a path from a file)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of random methods (random_vector, dare)")
+    p.add_argument("--keep-outliers", action="store_true",
+                   help="merge sites the screen finds outliers (norm, cosine, head bias, BatchNorm variance; see "
+                        "dvlib.screening) instead of refusing them; they are marked in the report")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="print the metadata a model or vector file carries",
@@ -111,14 +125,19 @@ def register(sub) -> None:
 
 
 def open_local_from(args, classes=None, meta: dict | None = None, source: str = "--classes"):
-    """The site's images as the flags say; the split defaults to what ``meta`` records."""
+    """The site's images split as its own flags say (default: seed 0, test fraction 0.2, as at
+    ``site finetune``); a model file's ``meta`` never chooses the split, and one that records another
+    split than this site's is refused (:func:`dvlib.site.check_split`) unless every image is used."""
     from dvlib.local import open_local
+    from dvlib.site import check_split
 
-    rec = (meta or {}).get("split") or {}  # types and ranges checked when the file was read
-    seed = args.split_seed if args.split_seed is not None else int(rec.get("seed", 0) or 0)
-    frac = args.test_frac if args.test_frac is not None else float(rec.get("test_frac", 0.2) or 0.2)
-    return open_local(args.data, split_seed=seed, test_frac=frac, classes=classes, manifest=args.manifest,
-                      hospital=args.hospital, site=args.site, source=source)
+    seed = args.split_seed if args.split_seed is not None else 0
+    frac = args.test_frac if args.test_frac is not None else 0.2
+    local = open_local(args.data, split_seed=seed, test_frac=frac, classes=classes, manifest=args.manifest,
+                       hospital=args.hospital, site=args.site, source=source)
+    if meta is not None and getattr(args, "subset", "train") != "all":
+        check_split(meta, local, getattr(args, "model", "the model file"))
+    return local
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -144,6 +163,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                      {"--weights": p.weights if p.weights not in BUILTIN_WEIGHTS else None,
                       "--manifest": args.manifest, "patients.csv of --data": Path(args.data) / "patients.csv"})
     local = open_local_from(args, classes=args.classes)
+    if local.index.info.get("hidden_note"):  # .thumbnails, @eaDir: skipped, and said so
+        print(f"  note: {local.index.info['hidden_note']}")
     seed = args.seed if args.seed is not None else p.seed
     tau, meta = finetune_site(local, stages.TrainSettings.from_preset(p), seed=seed, build_seed=args.head_seed,
                               device=args.device, progress=args.progress, preset=args.preset)
@@ -163,14 +184,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from dvlib.coordinator import merge_files
 
     meta = merge_files(args.files, args.out, method=args.method, lam=args.lam, bn_buffers=args.bn_buffers,
-                       weights=args.weights, weights_dirs=args.weights_dir, seed=args.seed)
+                       weights=args.weights, weights_dirs=args.weights_dir, seed=args.seed,
+                       keep_outliers=args.keep_outliers)
     sites = ", ".join(f"{s['site']} ({s['sample_count']})" for s in meta["sources"])
     print(f"merged {len(meta['sources'])} sites [{sites}] with {meta['method']} (lam={meta['lam']}, "
           f"bn_buffers={meta['bn_buffers']}); pretrained sha256 {meta['pretrained_sha256'][:16]}...")
+    print_screen(meta["screening"])
     for w in meta["warnings"]:
         print(f"  note: {w}")
+        if w == meta["screening"]["effective_step_warning"]:
+            print(f"dvlib: warning: {w}", file=sys.stderr)
+    print(f"  weights sha256 {meta['custody']['sha256']} (sites may check it: dvlib site restore --merged-sha256)")
     print(f"  wrote {args.out}; next: `dvlib site restore {args.out} --data DIR --out ...` at each site")
     return 0
+
+
+def print_screen(rep: dict) -> None:
+    """The merge report's per-site statistics, one line a site (all of them: ``dvlib inspect``)."""
+    print("  screen (dvlib.screening): site | norm | cosine to the others | head bias shift | worst BN var ratio")
+    for s in rep["sites"]:
+        cos = "n/a" if s["cosine_to_others"] is None else f"{s['cosine_to_others']:.3f}"
+        mark = f"  OUTLIER KEPT: {'; '.join(s['outlier'])}" if s["outlier"] else ""
+        print(f"    {s['label']} | {s['norm']:.4g} | {cos} | {s['head_bias_shift']:.3g} | {s['bn_var_ratio']:.3g}{mark}")
+    step = rep["effective_step"]
+    print(f"  effective step: {'n/a' if step is None else f'{step:.3g}'} x the sites' mean vector "
+          f"(bound {rep['rule']['step_max']:g})")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -181,12 +219,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     local = open_local_from(args, classes=meta["classes"], meta=meta, source=f"the classes of {args.model}")
     new = restore_site(args.model, local, args.out, mode=args.mode, seed=args.seed, subset=args.subset,
                        batch_size=args.batch_size, image_size=args.image_size, lr=args.lr, device=args.device,
-                       allow_revisit=args.allow_revisit, model=model, meta=meta)
+                       allow_revisit=args.allow_revisit, model=model, meta=meta, merged_sha256=args.merged_sha256)
     v = new["restore_visits"][-1]
     done = ", ".join(f"{x['site']}:{x['mode']}({x['images']})" for x in new["restore_visits"])
     print(f"site {v['site']}: {v['mode']} on {v['images']} {v['subset']} images"
           + (" (statistics reset first)" if v.get("reset") else ""))
     print(f"  visits so far: {done}; BatchNorm statistics over {new['bn_images']} images")
+    if meta.get("custody"):
+        print(f"  custody: checked against the merged weights (sha256 {meta['custody']['sha256']}); "
+              f"after this visit {v['sha256_after']}")
+    else:
+        print("  note: the file records no merged weights hash (made before dvlib recorded one): its chain is not checked")
     print(f"  wrote {args.out}")
     return 0
 

@@ -41,8 +41,8 @@ def register(sub) -> None:
     d.add_argument("--manifest", metavar="CSV", help="a saved split to use instead of making one (one --data)")
     d.add_argument("--hospital", type=int_in(0), nargs="+", help="with --manifest: the hospital(s) whose rows to use, each "
                                                           "evaluated, and pooled")
-    d.add_argument("--split-seed", type=SEED, help="seed of the local split (default: the model's recorded one, else 0)")
-    d.add_argument("--test-frac", type=FRACTION, help="test fraction of the local split (default: recorded, else 0.2)")
+    d.add_argument("--split-seed", type=SEED, help="seed of the local split (default 0; the site's own, never the model file's)")
+    d.add_argument("--test-frac", type=FRACTION, help="test fraction of the local split (default 0.2; the site's own)")
     d.add_argument("--site", help="site label (one --data)")
     p.add_argument("--out", help="output prefix for <out>.eval.csv, .eval.json, .confusion.png (default: next to the model)")
     p.add_argument("--image-size", type=IMAGE_SIZE, help="crop size (default: the model's)")

@@ -17,6 +17,7 @@ import pandas as pd
 
 from dvlib.data.decode import read_rgb
 from dvlib.io import DvlibError
+from dvlib.runs import project_root
 
 COLUMNS = ("image", "patient", "label", "path")
 
@@ -125,8 +126,12 @@ def register(name: str, description: str, needs_root: bool = True):
 
 
 def data_root() -> Path:
-    """Data root: ``$DVLIB_DATA`` if set, else ``data/raw``."""
-    return Path(os.environ.get("DVLIB_DATA") or "data/raw")
+    """Data root: ``$DVLIB_DATA`` if set, else ``data/raw``; a relative one is taken from the project
+    root, not the working folder (JupyterLab starts kernels in notebooks/)."""
+    root = Path(os.environ.get("DVLIB_DATA") or "data/raw")
+    if root.is_absolute():
+        return root
+    return project_root() / root
 
 
 def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:

@@ -27,8 +27,10 @@ def _finish(fig, out, title: str):
 def plot_layer_cosine(results, out: str | os.PathLike | None = None):
     """Figure 2: cosine similarity to the Full Training vector per convolution layer (network order):
     each hospital's (blue) and the merged vectors' (red: before restore; dashed: after), mean over
-    replicates with a band of +-1 std."""
+    replicates with a band of +-1 sd over replicates (said in the legend). The legend sits outside the
+    axes, so it covers no layer."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
     df = load_results(results, "layer_cosine")
@@ -56,23 +58,29 @@ def plot_layer_cosine(results, out: str | os.PathLike | None = None):
     ax.set_ylabel(f"cosine similarity to the {label('full_training')} vector")
     ax.set_ylim(min(-0.02, float(df["cosine"].min()) - 0.02), min(1.0, top * 1.15 + 0.02))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
     n = df[REPLICATE].drop_duplicates().shape[0]
+    handles, _ = ax.get_legend_handles_labels()
+    band = "shaded: ±1 sd over replicates" if n > 1 else "1 replicate: no band"
+    handles.append(Patch(color="grey", alpha=0.25, label=band))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _finish(fig, out, f"Figure 2: direction of the data vectors, layer by layer (mean of {n} replicate(s))")
 
 
 def plot_lambda_curve(results, metric: str = "accuracy", out: str | os.PathLike | None = None):
-    """Pooled test metric of theta_pre + lam * sum(tau_i) (no restore) against lam, with the
-    hospitals' own models and Full Training as reference lines."""
+    """Pooled test metric of theta_pre + lam * sum(tau_i) (no restore) against lam, mean over
+    replicates with error bars of +-1 sd (said in the legend), with the hospitals' own models and
+    Full Training as reference lines; the legend sits outside the axes."""
     import matplotlib.pyplot as plt
 
     lam = load_results(results, "lambda_eval")
     agg = lam[lam["eval_on"] == "pooled"].groupby("lam")[metric].agg(["mean", "std"]).fillna(0) * 100
     ft = load_results(results, "finetune_eval")
     ft = ft[ft["eval_on"] == "pooled"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    n = lam[REPLICATE].drop_duplicates().shape[0]
+    fig, ax = plt.subplots(figsize=(8.4, 3.8))
+    bars = f"mean ± 1 sd over {n} replicates" if n > 1 else "1 replicate: no error bar"
     ax.errorbar(agg.index, agg["mean"], yerr=agg["std"], marker="o", color="tab:red", capsize=3,
-                label="data vector merge (BN mean, no restore)")
+                label=f"{label('data_vector')} merge (BN mean, no restore),\n{bars}")
     ax.axhline(ft[ft["method"] == "base_model"][metric].mean() * 100, color="tab:blue", ls="--",
                label="hospitals' own models (mean)")
     ax.axhline(ft[ft["method"] == "full_training"][metric].mean() * 100, color="black", ls=":",
@@ -85,7 +93,7 @@ def plot_lambda_curve(results, metric: str = "accuracy", out: str | os.PathLike 
     ax.set_xlabel("lambda")
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), pooled test")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _finish(fig, out, "Data-vector merge against lambda (descriptive; lambda fixed at 0.5 beforehand)")
 
 

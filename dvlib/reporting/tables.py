@@ -22,8 +22,30 @@ REPLICATE = ["split_seed", "train_seed"]
 METHOD_LABELS = {m: methods.label(m) for m in (*methods.METHODS, *methods.BASELINES)}
 PAPER_COLUMNS = {m: methods.label(m) for m in COLUMNS}
 RESTORE_LABELS = {m.name: m.label for m in restore.MODES.values()}
+# what a merge did with the BatchNorm statistics (dvlib.merging's bn_buffers)
+BN_LABELS = {"mean": "mean of the hospitals' statistics", "pretrained": "the pretrained model's statistics",
+             "arithmetic": "merged as if they were weights"}
+NONE = "–"  # an empty cell: no value for this row and column
 METRIC_LABELS = {"accuracy": "Accuracy (%)", "balanced_accuracy": "Balanced accuracy (%)",
                  "macro_f1": "Macro-F1 (%)", "auc_ovr": "AUC, one vs rest (%)"}
+
+
+def model_label(model: str) -> str:
+    """A reader's name for a result file's model id: ``restored_data_vector_finetune_epoch`` ->
+    "Data Vector merge + 1 epoch per hospital", ``hospital_2`` -> "hospital 2", ``full`` -> Full Training."""
+    if model == "full":
+        return methods.label("full_training")
+    if model.startswith("hospital_"):
+        return f"hospital {model.split('_', 1)[1]}"
+    for prefix in ("merged_", "restored_"):
+        if model.startswith(prefix):
+            rest = model[len(prefix):]
+            mode = next((m for m in RESTORE_LABELS if prefix == "restored_" and rest.endswith(f"_{m}")), None)
+            method = rest[:-len(mode) - 1] if mode else rest
+            if method in METHOD_LABELS:
+                name = METHOD_LABELS[method] + ("" if method == "pretrained" else " merge")
+                return f"{name} + {RESTORE_LABELS[mode]}" if mode else name
+    return model
 
 
 def results_dir(results: str | os.PathLike) -> Path:
@@ -49,6 +71,7 @@ def write_tables(out: str | os.PathLike, tables: dict, **markdown) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, df in tables.items():
+        df = df.reset_index() if any(df.index.names) else df  # a named index is a column for machines
         write_csv(out / f"{name}.csv", df)
         write_text(out / f"{name}.md", df.to_markdown(index=False, **markdown) + "\n")
     return out
@@ -65,7 +88,7 @@ def load_results(results: str | os.PathLike, step: str) -> pd.DataFrame:
 def cell(values: pd.Series, scale: float = 100.0) -> str:
     """``"62.8 [60.1, 65.4]"``: mean over replicates with a 95 % t-interval ("62.8" for one)."""
     v = values.dropna()
-    return "–" if v.empty else mean_interval(v.to_numpy()).fmt(scale=scale, digits=1)
+    return NONE if v.empty else mean_interval(v.to_numpy()).fmt(scale=scale, digits=1)
 
 
 def part_label(eval_on: str) -> str:
@@ -89,7 +112,7 @@ def finetune_table(results, metric: str = "accuracy") -> pd.DataFrame:
     ft = load_results(results, "finetune_eval")
     ft = ft.assign(part=ft["eval_on"].map(part_label))
     t = ft.groupby(["model", "part"])[metric].apply(cell).unstack("part")
-    t = t[_part_order(t.columns)].rename(columns=lambda p: p if p == "pooled" else f"Part {p}")
+    t = t[_part_order(t.columns)].rename(columns=lambda p: p if p == "pooled" else f"Part {p}").fillna(NONE)
     t.index = [(methods.label("full_training") if m == "full" else f"hospital {m.split('_')[1]}'s model") for m in t.index]
     t.index.name = f"{METRIC_LABELS[metric]} on the test split of"
     return t
@@ -112,6 +135,7 @@ def bn_policy_table(results) -> pd.DataFrame:
                                         METRIC_LABELS["balanced_accuracy"]: ("balanced_accuracy", cell),
                                         "layers with negative variance": ("negative_var_layers", "max"),
                                         "non-finite outputs": ("nonfinite_outputs", "max")})
+    t = t.rename(index=BN_LABELS)
     t.index.name = "BN statistics when merging"
     return t
 
@@ -122,7 +146,7 @@ def ablation_table(results, metric: str = "accuracy", eval_on: str = "pooled") -
     rs = rs[rs["eval_on"] == eval_on]
     t = rs.groupby(["method", "restore"])[metric].apply(cell).unstack("restore")
     t = t.reindex(columns=[c for c in RESTORE_LABELS if c in t.columns]).rename(columns=RESTORE_LABELS)
-    t = t.reindex([m for m in METHOD_LABELS if m in t.index]).rename(index=METHOD_LABELS)
+    t = t.reindex([m for m in METHOD_LABELS if m in t.index]).rename(index=METHOD_LABELS).fillna(NONE)
     t.index.name = f"{METRIC_LABELS[metric]}, method"
     return t
 
@@ -147,7 +171,7 @@ def paper_table(results, metric: str = "accuracy", restore_mode: str = "finetune
     """The paper's Table layout: Part Index x column, mean [95 % interval] over replicates, %."""
     rows = paper_rows(results, restore_mode)
     t = rows.groupby(["part", "column"])[metric].apply(cell).unstack("column")
-    t = t.reindex(columns=list(PAPER_COLUMNS)).rename(columns=PAPER_COLUMNS).reindex(_part_order(t.index))
+    t = t.reindex(columns=list(PAPER_COLUMNS)).rename(columns=PAPER_COLUMNS).reindex(_part_order(t.index)).fillna(NONE)
     t.index.name = "Part Index"
     return t
 
@@ -177,8 +201,14 @@ def paper_datasets() -> list[str]:
     return sorted(PAPER_RESULTS)
 
 
+COMPARISON_LABELS = {"part": "Part Index", "column": "model", "mean": "ours, mean (%)", "low": "ours, 95 % low",
+                     "high": "ours, 95 % high", "n_replicates": "replicates", "paper": "paper (%)",
+                     "difference_pp": "ours − paper (pp)"}
+
+
 def paper_comparison(results, dataset: str, restore_mode: str = "finetune_epoch") -> pd.DataFrame:
-    """Our accuracy beside the paper's for the same dataset, per cell (percentage points)."""
+    """Our accuracy beside the paper's for the same dataset, per cell (percentage points), indexed by
+    part and column. The paper reports no pooled row, so ours is left out here (it is in :func:`paper_table`)."""
     from dvlib.data.paper import paper_results
 
     ours = paper_table_numeric(results, "accuracy", restore_mode)
@@ -188,10 +218,11 @@ def paper_comparison(results, dataset: str, restore_mode: str = "finetune_epoch"
     per_part = pd.DataFrame({"part": per_part["part"].astype(int).astype(str), "column": per_part["method"],
                              "paper": per_part["accuracy"]})
     full_rows = pd.DataFrame({"part": sorted(per_part["part"].unique()), "column": "full_training", "paper": full})
-    out = ours.merge(pd.concat([per_part, full_rows]), on=["part", "column"], how="left")
+    out = ours.merge(pd.concat([per_part, full_rows]), on=["part", "column"], how="inner")
     out["difference_pp"] = out["mean"] - out["paper"]
     out["column"] = out["column"].map(PAPER_COLUMNS)
-    return out.rename(columns={"mean": "ours_mean", "low": "ours_low", "high": "ours_high"}).round(2)
+    out = out.rename(columns=COMPARISON_LABELS).round(2)
+    return out.set_index(["Part Index", "model"])
 
 
 def figure2_summary(results) -> pd.DataFrame:
@@ -202,8 +233,8 @@ def figure2_summary(results) -> pd.DataFrame:
     hosp = per_layer[[c for c in per_layer if c.startswith("hospital_")]].max(axis=1)
     rows = []
     for m in per_layer:
-        rows.append({"model": m, "mean cosine": f"{per_layer[m].mean():.3f}", "median": f"{per_layer[m].median():.3f}",
-                     "layers closer than every hospital": "–" if m.startswith("hospital_") else
+        rows.append({"model": model_label(m), "mean cosine": f"{per_layer[m].mean():.3f}", "median": f"{per_layer[m].median():.3f}",
+                     "layers closer than every hospital": NONE if m.startswith("hospital_") else
                      f"{int((per_layer[m] > hosp).sum())} of {len(per_layer)}"})
     return pd.DataFrame(rows).set_index("model")
 
@@ -211,8 +242,11 @@ def figure2_summary(results) -> pd.DataFrame:
 def save_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """CSV (for machines) and Markdown (for reviewers) side by side."""
     path = Path(path)
-    write_csv(path.with_suffix(".csv"), table.reset_index() if table.index.name else table)
-    write_text(path.with_suffix(".md"), table.to_markdown() + "\n")
+    named = any(table.index.names)  # a named index (one level or several) is a column for machines
+    flat = table.reset_index() if named else table
+    write_csv(path.with_suffix(".csv"), flat)
+    shown = flat.astype(object).where(flat.notna(), NONE)  # an empty cell reads as a dash, never "nan"
+    write_text(path.with_suffix(".md"), shown.to_markdown(index=False) + "\n")
     return path
 
 

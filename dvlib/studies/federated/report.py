@@ -70,6 +70,15 @@ def federated_table(results, scope: str = "pooled") -> pd.DataFrame:
     return t
 
 
+def _spread_ticks(values, ratio: float = 1.25) -> list[float]:
+    """The distinct values, dropping any within ``ratio`` of the last kept one (labels would overlap)."""
+    kept: list[float] = []
+    for v in sorted(set(float(v) for v in values if v > 0)):
+        if not kept or v / kept[-1] >= ratio:
+            kept.append(v)
+    return kept
+
+
 def _plot(results, x: str, xlabel: str, out, title: str):
     import matplotlib.pyplot as plt
 
@@ -98,11 +107,15 @@ def _plot(results, x: str, xlabel: str, out, title: str):
             ax.grid(alpha=0.3)
             if i == 1:
                 ax.set_xlabel(xlabel)
-            from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+            from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator, ScalarFormatter
 
             if not x.startswith("bytes"):
                 ax.xaxis.set_major_locator(FixedLocator(sorted(set(df[x].astype(int)))))
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+            else:  # a log axis labelled at the megabytes the settings send, not at powers of ten
+                ax.xaxis.set_major_locator(FixedLocator(_spread_ticks(df[x].unique() / 1e6)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_minor_formatter(NullFormatter())
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False,

@@ -99,10 +99,12 @@ def start_ray(init_args: dict) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def simulate(config: dict, num_nodes: int, *, actors: int = 1, gpus: float = 0.0, quiet: bool = True) -> dict:
+def simulate(config: dict, num_nodes: int, *, actors: int = 1, gpus: float = 0.0, quiet: bool = True,
+             client=None) -> dict:
     """Run the app's ServerApp with ``config`` (overrides of its run config,
     ``dvlib/studies/federated/app/pyproject.toml``) over ``num_nodes`` simulated SuperNodes; returns
-    {job: result} (see :mod:`dvlib.studies.federated.server`)."""
+    {job: result} (see :mod:`dvlib.studies.federated.server`). ``client``: another ClientApp than the
+    app's (a test's hostile hospital)."""
     from dvlib.studies.federated import require_flower
 
     require_flower()
@@ -115,7 +117,7 @@ def simulate(config: dict, num_nodes: int, *, actors: int = 1, gpus: float = 0.0
     with _quiet_flower(quiet), server_app.in_process({**config, "num-nodes": int(num_nodes)}) as sink:
         try:
             start_ray(backend["init_args"])
-            run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=int(num_nodes),
+            run_simulation(server_app=server_app.app, client_app=client or client_app.app, num_supernodes=int(num_nodes),
                            backend_config=backend)
         finally:
             if ray.is_initialized():  # Flower shuts it down itself unless it failed first

@@ -64,8 +64,10 @@ def plot_roc(results, attacks=("loss", "reference"), out: str | os.PathLike | No
 def plot_privacy_utility(results, metric: str = "accuracy", attack: str = "reference",
                          out: str | os.PathLike | None = None):
     """Pooled test ``metric`` and the attack's pooled AUC against epsilon, for the DP merge with each
-    restore (solid: covered by the guarantee; dashed: not), mean over replicates with +-1 std; the
-    non-private data-vector merge with the same restore as a dotted reference line."""
+    restore (solid: covered by the guarantee; dashed: not), mean over replicates with +-1 sd; the
+    non-private data-vector merge with the same restore as a dotted reference line. A setting with no
+    finite point gets no legend entry; the hospitals' own models are hollow diamonds drawn on top, so
+    they stay visible where a merge's point lies at the same place."""
     import matplotlib.pyplot as plt
 
     ev, au = load_results(results, "dp_eval"), load_results(results, "dp_audit")
@@ -79,19 +81,23 @@ def plot_privacy_utility(results, metric: str = "accuracy", attack: str = "refer
         a = au[au["model"] == tag].groupby("epsilon")["auc"].agg(["mean", "std"])
         guaranteed = bool(ev.loc[ev["model"] == tag, "dp_guarantee"].all())
         color, ls = COLORS.get(mode, "tab:blue"), "-" if guaranteed else "--"
-        label = f"DP merge, {RESTORE_LABELS.get(mode, mode)}" + ("" if guaranteed else " (outside the guarantee)")
-        ax1.errorbar(e.index, e["mean"] * 100, yerr=e["std"].fillna(0) * 100, color=color, ls=ls, marker="o",
-                     capsize=3, label=label)
-        ax2.errorbar(a.index, a["mean"], yerr=a["std"].fillna(0), color=color, ls=ls, marker="o", capsize=3, label=label)
+        name = "no restore" if mode == "none" else RESTORE_LABELS.get(mode, mode)
+        label = f"DP merge, {name}" + ("" if guaranteed else " (outside the guarantee)")
+        if e["mean"].notna().any():
+            ax1.errorbar(e.index, e["mean"] * 100, yerr=e["std"].fillna(0) * 100, color=color, ls=ls, marker="o",
+                         capsize=3, label=label)
+        if a["mean"].notna().any():
+            ax2.errorbar(a.index, a["mean"], yerr=a["std"].fillna(0), color=color, ls=ls, marker="o", capsize=3,
+                         label=label)
         if mode in ref and "metric" in ref[mode]:
-            ax1.axhline(ref[mode]["metric"].mean() * 100, color=color, ls=":", lw=1.2,
-                        label=f"no DP, {RESTORE_LABELS.get(mode, mode)}")
+            ax1.axhline(ref[mode]["metric"].mean() * 100, color=color, ls=":", lw=1.2, label=f"no DP, {name}")
         if mode in ref and "auc" in ref[mode]:
-            ax2.axhline(ref[mode]["auc"].mean(), color=color, ls=":", lw=1.2, label=f"no DP, {RESTORE_LABELS.get(mode, mode)}")
+            ax2.axhline(ref[mode]["auc"].mean(), color=color, ls=":", lw=1.2, label=f"no DP, {name}")
     hosp = ev[ev["model"].str.startswith("hospital_") & (ev["eval_on"] == ev["model"])]
-    if len(hosp):
-        h = hosp.groupby("epsilon")[metric].mean()
-        ax1.plot(h.index, h.to_numpy() * 100, color="grey", marker=".", lw=1, label="hospitals' own DP models (own test split)")
+    h = hosp.groupby("epsilon")[metric].mean().dropna()
+    if len(h):
+        ax1.plot(h.index, h.to_numpy() * 100, color="dimgrey", marker="D", ms=9, mfc="none", mew=1.4, lw=1, zorder=5,
+                 label="hospitals' own DP models (own test split, mean)")
     ax2.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
     for ax in (ax1, ax2):
         ax.set_xscale("log")
@@ -105,4 +111,4 @@ def plot_privacy_utility(results, metric: str = "accuracy", attack: str = "refer
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.12))
     k = _n_replicates(ev)
     return _finish(fig, out, f"Privacy against utility: DP-SGD fine-tuning, then the data-vector merge "
-                             f"(mean ± std over {k} replicate(s))")
+                             f"(mean ± 1 sd over {k} replicate(s))")

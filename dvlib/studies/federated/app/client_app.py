@@ -8,12 +8,14 @@ Message types:
   from the received weights. Keys the server did not send (FedBN: the BatchNorm statistics) come
   from ``context.state`` (this hospital's own from its previous round; the pretrained ones at first)
   and stay there: the reply carries exactly the received keys.
-- ``train.restore``: one restore visit of the received model; the reply carries the tensors the
-  visit changes (BatchNorm statistics and counters for ``recalibrate``, all for a training visit)
-  and the model's metadata (the visits so far).
+- ``train.restore``: one restore visit of the received model (checked first against the merged
+  weights' chain of custody, :mod:`dvlib.custody`); the reply carries the tensors the visit may
+  change (BatchNorm statistics and counters for ``recalibrate``, all for a training visit) and this
+  visit's record; the server keeps the model's record and checks both (:mod:`..trust`).
 - ``evaluate``: the received model (plus this hospital's own keys) on its test split: probabilities
   and labels; image ids only from a simulated hospital (a real site's ids never leave it).
-- ``query``: warm-up: open the images and build the model, reply nothing but ``meta``.
+- ``query``: ``kind`` = ``identify``: reply nothing but ``meta`` (the site label the server checks
+  against its expected sites); warm-up: open the images and build the model, reply ``meta``.
 
 Every reply carries a ``meta`` ConfigRecord (partition id, site label; FedAvg ignores ConfigRecords).
 Settings, seeds and torch's thread count come from the server's ``config``: one source of truth, and
@@ -100,8 +102,8 @@ def restore(msg: Message, context: Context) -> Message:
     new, meta = hosp.restore_visit(h, state, json.loads(cfg["model-meta"]), what)
     kinds = key_kinds(new)  # by key names: running_mean/var, num_batches_tracked
     changed = [k for k in new if what != "recalibrate" or kinds[k] in (BN_STAT, COUNTER)]
-    content = RecordDict({"arrays": tensors_record(new, changed),
-                          "meta": _meta(context, h, **{"model-meta": json.dumps(meta, default=str)})})
+    content = RecordDict({"arrays": tensors_record(new, changed),  # the model's record stays the server's
+                          "meta": _meta(context, h, visit=json.dumps(meta["restore_visits"][-1], default=str))})
     return Message(content=content, reply_to=msg)
 
 
@@ -129,7 +131,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def warmup(msg: Message, context: Context) -> Message:
     """Open this hospital's images and build its model now (a simulation actor keeps both)."""
-    _, h = _setup(msg, context)
+    cfg, h = _setup(msg, context)
+    if cfg["kind"] == "identify":
+        return Message(content=RecordDict({"meta": _meta(context, h)}), reply_to=msg)
     h.shard("train"), h.shard("test")
     h.model(h.pretrained()[0])
     return Message(content=RecordDict({"meta": _meta(context, h)}), reply_to=msg)

@@ -84,9 +84,9 @@ def main(grid: Grid, context: Context) -> None:
     local = dict(_IN_PROCESS)
     try:
         results = run_jobs(grid, consortium(run_config({**context.run_config, **local.get("overrides", {})})))
-    except BaseException:
-        if local:
-            local["sink"]["error"] = traceback.format_exc()
+    except BaseException as e:
+        if local:  # a refusal is its message; anything else its traceback
+            local["sink"]["error"] = str(e) if isinstance(e, DvlibError) else traceback.format_exc()
         raise
     if local:
         local["sink"].update(results)
