@@ -73,9 +73,29 @@ def execute(src: Path, reports: Path, name: str, parameters: dict, cwd: Path, lo
         if isinstance(e, Exception):  # the kernel died, or did not start
             raise DvlibError(f"notebook {name} failed: {type(e).__name__}: {e}. {kept}; log: {logfile}") from None
         raise
+    _paths_for_readers(tmp, cwd.parent)
     os.replace(tmp, out_nb)
     failed.unlink(missing_ok=True)  # an earlier failure, now superseded
     return out_nb
+
+
+def project_relative(path, root: Path) -> str:
+    """``path`` relative to the project ``root`` where it lies under it: a published report names no
+    folder of the machine that made it."""
+    p = Path(path).resolve()
+    return p.relative_to(root.resolve()).as_posix() if p.is_relative_to(root.resolve()) else str(path)
+
+
+def _paths_for_readers(notebook: Path, root: Path) -> None:
+    """Papermill records where it read and wrote the notebook: project-relative in what is published."""
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    pm_meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if pm_meta.get(key):
+            pm_meta[key] = project_relative(pm_meta[key], root)
+    nbformat.write(nb, str(notebook))
 
 
 def _run_notebook(src: Path, out_nb: Path, parameters: dict, cwd: Path, logfile: Path, log) -> None:

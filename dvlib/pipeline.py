@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dvlib.io import DvlibError, write_json
-from dvlib.notebook_step import execute, is_done, mark_done, to_html
+from dvlib.notebook_step import execute, is_done, mark_done, project_relative, to_html
 
 STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("01_split_data", ("shards",)),
@@ -84,8 +84,9 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
     the_run = open_run(run, preset, seeds=seeds, train_seeds=train_seeds, root=runs, device=device,
                        dataset=dataset, **(extra or {}))
     params = {"run": run, "preset": preset, "dataset": dataset, "seeds": the_run.split_seeds,
-              "train_seeds": the_run.train_seeds, "device": device, "runs_dir": runs,
-              "figures_dir": str(figures.resolve())}
+              "train_seeds": the_run.train_seeds, "device": device,
+              # the defaults as "" (the notebooks' own defaults): no folder of this machine in a published report
+              "runs_dir": runs if runs_dir else "", "figures_dir": str(figures.resolve()) if figures_dir else ""}
     try:
         declared = _check_parameters(the_run, params, notebook_params or {}, nb_dir, steps)
     except DvlibError:
@@ -176,7 +177,8 @@ def _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps,
         out_nb, results = reports / f"{name}.ipynb", [the_run.result(o) for o in outputs]
         if not overwrite and is_done(reports, name, results):
             log(f"[skip] {name}: done (use --overwrite to redo)")
-            records.append({"step": name, "status": "skipped", "seconds": 0.0, "output": str(out_nb)})
+            records.append({"step": name, "status": "skipped", "seconds": 0.0,
+                            "output": project_relative(out_nb, nb_dir.parent)})
             continue
         log(f"[run ] {name} ...")
         t0 = time.perf_counter()
@@ -188,14 +190,14 @@ def _execute(the_run, params, declared, notebook_params, nb_dir, reports, steps,
         except DvlibError as e:
             log(f"[fail] {name}")
             failed = {"step": name, "status": "failed", "seconds": time.perf_counter() - t0, "error": str(e),
-                      "output": str(reports / f"{name}.failed.ipynb")}
+                      "output": project_relative(reports / f"{name}.failed.ipynb", nb_dir.parent)}
             raise StepFailed(str(e), records + [failed]) from None
         dt = time.perf_counter() - t0
         if html:
             to_html(out_nb)
         mark_done(reports, name, results, dt)  # last: a step is done only once everything of it is
         log(f"[done] {name} in {dt:.1f} s -> {out_nb}")
-        records.append({"step": name, "status": "ran", "seconds": dt, "output": str(out_nb)})
+        records.append({"step": name, "status": "ran", "seconds": dt, "output": project_relative(out_nb, nb_dir.parent)})
     return records
 
 

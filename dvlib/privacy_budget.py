@@ -3,7 +3,7 @@ its membership-inference audit.
 
 One definition for every place these values enter: ``dvlib run``'s flags as they are parsed, delta
 against the hospitals' training images before any notebook runs (:func:`check_notebook_budget`),
-and the privacy study's own functions (:mod:`dvlib.studies.privacy` imports this module; the core
+and the privacy study's own functions (the study imports this module; the core
 never imports the study). A value out of range is a :class:`~dvlib.io.DvlibError` naming it, before
 anything trains.
 """

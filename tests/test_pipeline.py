@@ -346,3 +346,52 @@ def test_delta_is_checked_against_the_smallest_hospital_before_any_notebook_runs
     assert executed == [{"delta": just_below}]
     # without 08 among the steps, delta concerns no notebook that runs: not checked against n
     assert main(_chain_args(tmp_path, "--delta", "0.9")) == 0 and executed[-1] == {"delta": 0.9}
+
+
+def test_a_report_made_with_the_default_folders_names_no_folder_of_the_machine(tmp_path, monkeypatch):
+    """The injected parameters leave the default folders to the notebooks (""), and papermill's paths and
+    steps.json name the report's files relative to the project: nothing of this machine is published."""
+    import shutil
+
+    import nbformat.v4 as v4
+
+    import dvlib.notebook_step as notebook_step
+    from dvlib.cli import main
+    from dvlib.pipeline import notebooks_dir
+
+    project = tmp_path / "checkout"
+    (project / "dvlib").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    shutil.copytree(notebooks_dir(), project / "notebooks")
+    monkeypatch.chdir(project)
+    given = {}
+
+    def execute(src, out_nb, parameters, cwd, logfile, log):
+        given.update(parameters)
+        nb = v4.new_notebook(cells=[v4.new_code_cell("1")])
+        nb.metadata["papermill"] = {"input_path": str(src), "output_path": str(out_nb)}
+        nbformat.write(nb, str(out_nb))
+        results = project / "runs" / parameters["run"] / "results"  # where the notebook's "" default puts them
+        results.mkdir(parents=True, exist_ok=True)
+        for o in dict(STEPS)[Path(src).stem]:
+            (results / f"{o}.csv").write_text("x\n1\n")
+
+    monkeypatch.setattr(notebook_step, "_run_notebook", execute)
+    assert main(["run", "--preset", "smoke", "--run", "t-rel", "--steps", "01_split_data", "--no-html"]) == 0
+    assert given["runs_dir"] == "" and given["figures_dir"] == ""
+    reports = project / "reports" / "t-rel"
+    meta = nbformat.read(str(reports / "01_split_data.ipynb"), as_version=4).metadata["papermill"]
+    assert meta == {"input_path": "notebooks/01_split_data.ipynb", "output_path": meta["output_path"]}
+    assert meta["output_path"].startswith("reports/t-rel/.01_split_data.")  # the temporary it was executed into
+    steps = json.loads((reports / "steps.json").read_text())
+    assert [s["output"] for s in steps] == ["reports/t-rel/01_split_data.ipynb"]
+    published = "".join(p.read_text() for p in reports.rglob("*") if p.is_file())
+    assert str(tmp_path) not in published
+
+
+def test_project_relative_keeps_a_path_outside_the_project():
+    from dvlib.notebook_step import project_relative
+
+    root = Path("/srv/proj")
+    assert project_relative("/srv/proj/reports/r/01.ipynb", root) == "reports/r/01.ipynb"
+    assert project_relative("/elsewhere/r/01.ipynb", root) == "/elsewhere/r/01.ipynb"

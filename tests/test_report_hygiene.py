@@ -142,3 +142,15 @@ def test_a_missing_cell_reads_as_a_dash(tmp_path):
     assert ablation.loc["DARE", "none"] == NONE and ablation.loc["DARE", "BN recalibrate"] != NONE
     finetune = reporting.finetune_table(tmp_path)
     assert finetune.loc["hospital 1's model", "Part 2"] == NONE and not finetune.isna().any().any()
+
+
+def test_no_committed_report_names_a_folder_of_the_machine():
+    # a reader of reports/ sees project-relative paths only (the pipeline injects "" for default folders)
+    from dvlib.runs import project_root
+
+    root = project_root()
+    machine = [f"{root.parent}/", f"{Path.home()}/", "/tmp/"]
+    files = [p for ext in ("ipynb", "html", "json", "md") for p in (root / "reports").rglob(f"*.{ext}")]
+    assert files, "no committed reports found"
+    bad = {str(p.relative_to(root)): m for p in files for m in machine if m in p.read_text(errors="replace")}
+    assert not bad, bad
