@@ -65,7 +65,8 @@ def run_chain(run: str, preset: str = "quick", dataset: str = "", seeds: Sequenc
 
     root = project_root()
     nb_dir = notebooks_dir()
-    reports = Path(reports_dir) if reports_dir else root / "reports" / run
+    # absolute: papermill changes the process's folder to notebooks/ while the progress of its thread is read
+    reports = (Path(reports_dir) if reports_dir else root / "reports" / run).resolve()
     figures = Path(figures_dir) if figures_dir else root / "figures" / run
     runs = str(Path(runs_dir).resolve()) if runs_dir else str(root / "runs")
     known = [s for s, _ in STEPS]
